@@ -1,0 +1,13 @@
+//! Fovea's model core: candle implementations of the vision model families,
+//! the image preprocessing that feeds them and the postprocessing of their
+//! outputs. No I/O beyond the tensors and bytes handed to it.
+
+pub mod classifier;
+pub mod efficientnet;
+pub mod image_input;
+pub mod labels;
+pub mod layers;
+pub mod preprocess;
+pub mod resnet;
+pub mod topk;
+pub mod weight_map;

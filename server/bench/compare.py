@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Fovea against PyTorch eager and ONNX Runtime, same models, same machine, same run.
+
+For ResNet-50 (torchvision) and EfficientNet-B0 (timm) with seeded random weights
+(speed does not depend on the values), this script
+  1. saves the weights as safetensors in their original key names,
+  2. times PyTorch eager and ONNX Runtime (CPU, the same thread count) at batch 1 and 8,
+  3. times `fovea bench --model ARCH:weights.safetensors` at batch 1 and 8,
+  4. optionally (--http) serves the ResNet-50 with `fovea serve` and measures end-to-end
+     HTTP throughput with a JPEG photo (`fovea bench --http`),
+and prints images/s with the ratios Fovea / PyTorch and Fovea / ONNX Runtime.
+
+Usage:
+    python server/bench/compare.py --fovea target/release/fovea [--seconds 10] [--threads 2] [--http]
+Needs: torch, torchvision, timm, onnxruntime, onnx, safetensors, pillow (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import save_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    if name == "resnet50":
+        import torchvision
+
+        return torchvision.models.resnet50(weights=None).eval(), "resnet50"
+    import timm
+
+    return timm.create_model("efficientnet_b0", pretrained=False).eval(), "efficientnet_b0"
+
+
+def timed(fn, seconds: float, min_runs: int = 3) -> float:
+    """Median seconds per call after a warm-up of at least 2 calls / 1 s."""
+    t0 = time.perf_counter()
+    n = 0
+    while n < 2 or time.perf_counter() - t0 < 1.0:
+        fn()
+        n += 1
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_torch(model, batches, seconds):
+    out = {}
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.rand(b, 3, 224, 224)
+            out[b] = b / timed(lambda: model(x), seconds)
+    return out
+
+
+def bench_ort(model, batches, seconds, threads, tmp, name):
+    import onnxruntime as ort
+
+    path = os.path.join(tmp, f"{name}.onnx")
+    torch.onnx.export(model, (torch.rand(1, 3, 224, 224),), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    out = {}
+    for b in batches:
+        x = torch.rand(b, 3, 224, 224).numpy()
+        out[b] = b / timed(lambda: sess.run(None, {"x": x}), seconds)
+    return out
+
+
+def bench_fovea(fovea, spec, batches, seconds, threads):
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    cmd = [fovea, "bench", "--model", spec, "--batch", ",".join(map(str, batches)), "--seconds", str(seconds),
+           "--json"]
+    res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+    return {r["batch"]: r["images_per_s"] for r in res["results"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_http(fovea, spec, seconds, threads, tmp):
+    from PIL import Image
+
+    jpeg = os.path.join(tmp, "coffee.jpg")
+    Image.open(os.path.join(REPO, "tests", "images", "coffee.png")).convert("RGB").save(jpeg, quality=90)
+    port = free_port()
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), FOVEA_HOME=os.path.join(tmp, "home"))
+    server = subprocess.Popen([fovea, "serve", "--http-addr", f"127.0.0.1:{port}", "--model", f"bench={spec}",
+                               "--max-batch-size", "8", "--max-queue-delay-ms", "5"], env=env,
+                              stderr=subprocess.DEVNULL)
+    try:
+        import urllib.request
+
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz").status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        rows = {}
+        for conc in (1, 8):
+            out = subprocess.run([fovea, "bench", "--http", f"http://127.0.0.1:{port}/v1/classify", "--image", jpeg,
+                                  "--concurrency", str(conc), "--seconds", str(seconds), "--json"],
+                                 check=True, capture_output=True, text=True).stdout
+            rows[conc] = json.loads(out)
+        return rows
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fovea", default=os.path.join(REPO, "target", "release", "fovea"))
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default="resnet50,efficientnet_b0")
+    ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--http", action="store_true", help="also measure end-to-end HTTP throughput (ResNet-50)")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [1, 8]
+    results = {"threads": args.threads, "torch": torch.__version__, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="fovea_bench_") as tmp:
+        for name in args.models.split(","):
+            model, arch = build(name)
+            weights = os.path.join(tmp, f"{name}.safetensors")
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+            row = {"torch": bench_torch(model, batches, args.seconds)}
+            if not args.no_onnx:
+                row["onnxruntime"] = bench_ort(model, batches, args.seconds, args.threads, tmp, name)
+            row["fovea"] = bench_fovea(args.fovea, f"{arch}:{weights}", batches, args.seconds, args.threads)
+            results["models"][name] = row
+            if args.http and name == "resnet50":
+                results["http_resnet50"] = bench_http(args.fovea, f"{arch}:{weights}", args.seconds, args.threads, tmp)
+
+    print(f"\nimages/s, float32, {args.threads} threads (higher is better); ratio = Fovea / other")
+    print(f"{'model':16s} {'batch':>5s} {'Fovea':>8s} {'PyTorch':>8s} {'ORT':>8s} {'/PyTorch':>9s} {'/ORT':>6s}")
+    for name, row in results["models"].items():
+        for b in batches:
+            f, t = row["fovea"][b], row["torch"][b]
+            o = row.get("onnxruntime", {}).get(b)
+            ort_s = f"{o:8.2f}" if o else f"{'-':>8s}"
+            ratio_o = f"{f / o:6.2f}" if o else f"{'-':>6s}"
+            print(f"{name:16s} {b:5d} {f:8.2f} {t:8.2f} {ort_s} {f / t:9.2f} {ratio_o}")
+    if "http_resnet50" in results:
+        print("\nend to end, ResNet-50, 600x400 JPEG per request, POST /v1/classify:")
+        for conc, r in results["http_resnet50"].items():
+            lat = r["latency_ms"]
+            print(f"  concurrency {conc}: {r['images_per_s']:.2f} img/s, p50 {lat['p50']:.0f} ms, "
+                  f"p99 {lat['p99']:.0f} ms ({r['requests_failed']} failed)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

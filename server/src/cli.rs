@@ -1,0 +1,158 @@
+//! The `fovea` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "fovea", version, about = "Fovea: an inference server for vision models")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve models over HTTP.
+    Serve(ServeArgs),
+    /// Classify images with a model, without a server.
+    Classify(ClassifyArgs),
+    /// Feed preprocessed tensors to a model and write its raw outputs.
+    Run(RunArgs),
+    /// Convert a PyTorch checkpoint (.pt/.pth) to safetensors, executing nothing.
+    Import(ImportArgs),
+    /// Fetch a catalog model into the model store.
+    Pull(PullArgs),
+    /// List the model store and the catalog.
+    Models(ModelsArgs),
+    /// Measure forward-pass and end-to-end HTTP throughput.
+    Bench(crate::commands::bench::BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "FOVEA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// HTTP listen address [default: 0.0.0.0:8080].
+    #[arg(long, env = "FOVEA_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// A model to serve, NAME=SPEC (repeatable; the environment takes a comma-separated list).
+    /// SPEC is a catalog or store name, a .safetensors file or model directory, optionally
+    /// prefixed by the architecture (resnet50:path). [default: efficientnet-lite0]
+    #[arg(long = "model", env = "FOVEA_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// cpu, cuda:N or metal:N [default: cpu].
+    #[arg(long, env = "FOVEA_DEVICE")]
+    pub device: Option<String>,
+    /// f32, f16 or bf16 [default: f32].
+    #[arg(long, env = "FOVEA_DTYPE")]
+    pub dtype: Option<String>,
+    /// Model store directory [default: $FOVEA_HOME or the user cache dir].
+    #[arg(long, env = "FOVEA_HOME")]
+    pub home: Option<PathBuf>,
+    /// Do not pull catalog models that are missing from the store.
+    #[arg(long, env = "FOVEA_NO_PULL")]
+    pub no_pull: bool,
+    /// Images per forward pass, at most [default: 8].
+    #[arg(long, env = "FOVEA_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+    /// How long the first image of a batch waits for others, in ms (0: take what is waiting)
+    /// [default: 5].
+    #[arg(long, env = "FOVEA_MAX_QUEUE_DELAY_MS")]
+    pub max_queue_delay_ms: Option<u64>,
+    /// Images admitted per model and not yet computed; beyond it requests get 429
+    /// [default: 256].
+    #[arg(long, env = "FOVEA_QUEUE_CAPACITY")]
+    pub queue_capacity: Option<usize>,
+    /// Deadline of a request that sets none (`timeout_ms`), in ms [default: 30000].
+    #[arg(long, env = "FOVEA_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Largest request body in bytes [default: 33554432].
+    #[arg(long, env = "FOVEA_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Largest image in pixels (width x height), checked before decoding [default: 40000000].
+    #[arg(long, env = "FOVEA_MAX_IMAGE_PIXELS")]
+    pub max_image_pixels: Option<u64>,
+    /// Most images in one request [default: 64].
+    #[arg(long, env = "FOVEA_MAX_IMAGES_PER_REQUEST")]
+    pub max_images_per_request: Option<usize>,
+    /// Longest wait for in-flight work at shutdown, in seconds [default: 30].
+    #[arg(long, env = "FOVEA_SHUTDOWN_TIMEOUT_S")]
+    pub shutdown_timeout_s: Option<u64>,
+    /// Log format: text or json.
+    #[arg(long, env = "FOVEA_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Model SPEC: catalog or store name, .safetensors file or model directory,
+    /// optionally prefixed by the architecture (resnet50:path).
+    #[arg(long, env = "FOVEA_MODEL", default_value = crate::config::DEFAULT_MODEL)]
+    pub model: String,
+    /// cpu, cuda:N or metal:N.
+    #[arg(long, env = "FOVEA_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, env = "FOVEA_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Model store directory.
+    #[arg(long, env = "FOVEA_HOME")]
+    pub home: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClassifyArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Predictions per image.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Print JSON (as the HTTP API answers) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Images to classify.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// safetensors file with the inputs (`pixel_values`).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// safetensors file for the raw outputs (`logits`).
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// PyTorch checkpoint (.pt/.pth, zip or legacy format).
+    pub input: PathBuf,
+    /// safetensors file to write.
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Catalog name (see `fovea models`).
+    pub name: String,
+    /// Model store directory.
+    #[arg(long, env = "FOVEA_HOME")]
+    pub home: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    /// Model store directory.
+    #[arg(long, env = "FOVEA_HOME")]
+    pub home: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,56 @@
+//! `fovea classify IMAGE...`: classification without a server.
+
+use anyhow::Context;
+use fovea_model_core::image_input::{decode_image, DecodeLimits};
+use fovea_model_core::topk::softmax_topk;
+use serde_json::json;
+
+use crate::cli::ClassifyArgs;
+use crate::registry::ClassifierRunner;
+
+pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
+    let model = super::load(&args.model)?;
+    let (h, w) = model.preprocess.input_size();
+    let runner = ClassifierRunner {
+        model: model.classifier.clone(),
+        device: model.device.clone(),
+        dtype: model.dtype,
+        height: h as usize,
+        width: w as usize,
+    };
+    let mut inputs = Vec::with_capacity(args.images.len());
+    for path in &args.images {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let decoded = decode_image(&bytes, &DecodeLimits::default())
+            .with_context(|| format!("decoding {}", path.display()))?;
+        inputs.push(model.preprocess.apply(&decoded.image)?);
+    }
+    let logits = runner.logits(&inputs)?;
+    let top_k = args.top_k.clamp(1, model.labels.len());
+    let results: Vec<Vec<(usize, f32)>> = logits.iter().map(|l| softmax_topk(l, top_k)).collect();
+
+    if args.json {
+        let results: Vec<_> = results
+            .iter()
+            .zip(&args.images)
+            .map(|(preds, path)| {
+                let predictions: Vec<_> = preds
+                    .iter()
+                    .map(|&(id, score)| json!({"class_id": id, "label": model.labels[id], "score": score}))
+                    .collect();
+                json!({"image": path, "predictions": predictions})
+            })
+            .collect();
+        let out = json!({"model": args.model.model, "results": results});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for (preds, path) in results.iter().zip(&args.images) {
+        println!("{}", path.display());
+        println!("  {:>4}  {:>8}  {:<6}  label", "rank", "score", "class");
+        for (rank, &(id, score)) in preds.iter().enumerate() {
+            println!("  {:>4}  {:>8.4}  {:<6}  {}", rank + 1, score, id, model.labels[id]);
+        }
+    }
+    Ok(())
+}

