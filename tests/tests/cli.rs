@@ -23,9 +23,17 @@ fn read_f32(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let info = &header[name];
     assert_eq!(info["dtype"], "F32", "{name} in {}", path.display());
-    let shape = info["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+    let shape = info["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
     let offsets = info["data_offsets"].as_array().unwrap();
-    let (a, b) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
+    let (a, b) = (
+        offsets[0].as_u64().unwrap() as usize,
+        offsets[1].as_u64().unwrap() as usize,
+    );
     let data = bytes[8 + n + a..8 + n + b]
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -37,22 +45,43 @@ fn read_f32(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
 fn run_reproduces_the_pytorch_reference() {
     let fixtures = repo_root().join("model-core/tests/fixtures/models");
     let tmp = tempfile_dir();
-    for (fixture, arch) in [("torchvision_resnet50", "resnet50"), ("tf_efficientnet_lite0", "tf_efficientnet_lite0")] {
+    for (fixture, arch) in [
+        ("tv_resnet_bottleneck_tiny", "resnet50"),
+        ("timm_tf_efficientnet_lite0_tiny", "tf_efficientnet_lite0"),
+    ] {
         let dir = fixtures.join(fixture);
         let golden = dir.join("golden.safetensors");
         let out = tmp.join(format!("{fixture}.out.safetensors"));
         let spec = format!("{arch}:{}", dir.join("model.safetensors").display());
         let result = fovea(
-            &["run", "--model", &spec, "--input", golden.to_str().unwrap(), "--output", out.to_str().unwrap()],
+            &[
+                "run",
+                "--model",
+                &spec,
+                "--input",
+                golden.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ],
             &tmp,
         );
-        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
         let (shape, got) = read_f32(&out, "logits");
         let (ref_shape, want) = read_f32(&golden, "logits");
         assert_eq!(shape, ref_shape);
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff <= 1e-4 * scale, "{fixture}: max diff {diff} vs scale {scale}");
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff <= 1e-4 * scale,
+            "{fixture}: max diff {diff} vs scale {scale}"
+        );
     }
 }
 
@@ -62,7 +91,11 @@ fn models_lists_the_catalog_and_pull_refuses_unknown_names() {
     let out = fovea(&["models", "--json"], &tmp);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["catalog"].as_array().unwrap().iter().any(|e| e["name"] == "efficientnet-lite0"));
+    assert!(v["catalog"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "efficientnet-lite0"));
     assert_eq!(v["store"].as_array().unwrap().len(), 0);
 
     let out = fovea(&["pull", "no-such-model"], &tmp);
@@ -73,17 +106,27 @@ fn models_lists_the_catalog_and_pull_refuses_unknown_names() {
 #[test]
 fn serve_refuses_a_device_this_build_lacks() {
     let tmp = tempfile_dir();
-    let out = fovea(&["serve", "--device", "cuda:0", "--http-addr", "127.0.0.1:0"], &tmp);
+    let out = fovea(
+        &["serve", "--device", "cuda:0", "--http-addr", "127.0.0.1:0"],
+        &tmp,
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cuda"));
 }
 
 fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("fovea-cli-test-{}-{}", std::process::id(), rand_suffix()));
+    let dir = std::env::temp_dir().join(format!(
+        "fovea-cli-test-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
 fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }

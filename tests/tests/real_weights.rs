@@ -33,7 +33,12 @@ fn default_server_pulls_lite0_and_recognises_espresso_and_a_cat() {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // No --model: the default, pulled into the store if missing.
     let server = Server::start(&[]);
-    let models: Value = client().get(server.url("/v1/models")).send().unwrap().json().unwrap();
+    let models: Value = client()
+        .get(server.url("/v1/models"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(models["models"][0]["name"], "efficientnet-lite0");
 
     // As the README's curl does: PUT with the raw PNG.
@@ -58,7 +63,10 @@ fn default_server_pulls_lite0_and_recognises_espresso_and_a_cat() {
     let chelsea: Value = r.json().unwrap();
     let preds = top(&chelsea, 0);
     assert_eq!(preds.len(), 3);
-    assert!(preds.iter().any(|p| CAT_CLASSES.contains(&p.0)), "{preds:?}");
+    assert!(
+        preds.iter().any(|p| CAT_CLASSES.contains(&p.0)),
+        "{preds:?}"
+    );
     let scores: Vec<f64> = preds.iter().map(|p| p.2).collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "sorted by score");
 }
@@ -74,7 +82,11 @@ fn classify_command_prints_a_table_and_json() {
         .env("FOVEA_HOME", shared_home())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["results"][0]["predictions"][0]["label"], "espresso");
     assert_eq!(v["results"][1]["predictions"].as_array().unwrap().len(), 3);
@@ -87,5 +99,8 @@ fn classify_command_prints_a_table_and_json() {
         .unwrap();
     assert!(out.status.success());
     let table = String::from_utf8(out.stdout).unwrap();
-    assert!(table.contains("espresso") && table.contains("rank"), "{table}");
+    assert!(
+        table.contains("espresso") && table.contains("rank"),
+        "{table}"
+    );
 }

@@ -23,14 +23,22 @@ fn sigterm_answers_everything_in_flight_then_exits_zero() {
             let url = server.url("/v1/classify");
             let body = body.clone();
             std::thread::spawn(move || {
-                client().post(&url).header("content-type", "image/png").body(body).send().map(|r| r.status().as_u16())
+                client()
+                    .post(&url)
+                    .header("content-type", "image/png")
+                    .body(body)
+                    .send()
+                    .map(|r| r.status().as_u16())
             })
         })
         .collect();
     // All admitted and waiting for the batch to fill.
     let start = Instant::now();
     while server.metric("fovea_queue_depth", &[("model", "tiny")]) != Some(requests as f64) {
-        assert!(start.elapsed() < Duration::from_secs(1), "requests not queued in time");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "requests not queued in time"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     server.terminate();
@@ -40,7 +48,10 @@ fn sigterm_answers_everything_in_flight_then_exits_zero() {
     let status = server.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{}", server.log_text());
     let log = server.log_text();
-    assert!(log.contains("shutting down") && log.contains("stopped"), "{log}");
+    assert!(
+        log.contains("shutting down") && log.contains("stopped"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -57,7 +68,15 @@ fn new_work_after_sigterm_is_refused_while_in_flight_work_finishes() {
     let inflight = {
         let url = server.url("/v1/classify");
         let body = body.clone();
-        std::thread::spawn(move || client().post(&url).header("content-type", "image/png").body(body).send().unwrap().status())
+        std::thread::spawn(move || {
+            client()
+                .post(&url)
+                .header("content-type", "image/png")
+                .body(body)
+                .send()
+                .unwrap()
+                .status()
+        })
     };
     let start = Instant::now();
     while server.metric("fovea_queue_depth", &[("model", "tiny")]) != Some(1.0) {
@@ -67,7 +86,11 @@ fn new_work_after_sigterm_is_refused_while_in_flight_work_finishes() {
     server.terminate();
     std::thread::sleep(Duration::from_millis(200));
     // Refused: the listener is closed (connection error) or the answer is 503.
-    let late = client().post(server.url("/v1/classify")).header("content-type", "image/png").body(body).send();
+    let late = client()
+        .post(server.url("/v1/classify"))
+        .header("content-type", "image/png")
+        .body(body)
+        .send();
     if let Ok(r) = late {
         assert_eq!(r.status(), 503, "no new work after SIGTERM");
     }

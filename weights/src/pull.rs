@@ -228,8 +228,13 @@ fn classifier_width(path: &Path) -> Result<usize, PullError> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| PullError::Other(format!("{}: {e}", path.display())))?;
     let tensors = meta.tensors();
-    ["_fc.weight", "classifier.weight", "fc.weight", "head.weight"]
-        .iter()
-        .find_map(|k| tensors.get(*k).map(|info| info.shape[0]))
-        .ok_or_else(|| PullError::Other("the checkpoint has no classifier layer".into()))
+    [
+        "_fc.weight",
+        "classifier.weight",
+        "fc.weight",
+        "head.weight",
+    ]
+    .iter()
+    .find_map(|k| tensors.get(*k).map(|info| info.shape[0]))
+    .ok_or_else(|| PullError::Other("the checkpoint has no classifier layer".into()))
 }

@@ -9,7 +9,6 @@ use fovea_model_core::preprocess::Preprocess;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -191,8 +190,9 @@ impl StoredModel {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(MANIFEST_FILE);
         let text = fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
-        let manifest = serde_json::from_str(&text)
-            .map_err(|e| StoreError::Invalid(format!("{}: invalid manifest: {e}", path.display())))?;
+        let manifest = serde_json::from_str(&text).map_err(|e| {
+            StoreError::Invalid(format!("{}: invalid manifest: {e}", path.display()))
+        })?;
         Ok(StoredModel {
             dir: dir.to_path_buf(),
             manifest,

@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
@@ -21,7 +24,11 @@ fn target_dir() -> PathBuf {
 pub fn fovea_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "fovea", "--bin", "fovea"])
@@ -49,7 +56,8 @@ pub fn image(name: &str) -> PathBuf {
 /// A tiny random-weight classifier from the conformance fixtures: fast to
 /// load and run, with real layouts and 1000 classes.
 pub fn tiny_model() -> String {
-    let path = repo_root().join("model-core/tests/fixtures/models/timm_efficientnet_b0/model.safetensors");
+    let path = repo_root()
+        .join("model-core/tests/fixtures/models/timm_efficientnet_b0_tiny/model.safetensors");
     assert!(path.is_file(), "missing fixture {}", path.display());
     format!("efficientnet_b0:{}", path.display())
 }
@@ -89,7 +97,8 @@ impl Server {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if line.contains("listening") {
                         if let Some(addr) = line.split("addr=").nth(1) {
-                            let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                            let _ =
+                                tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
                         }
                     }
                     log.lock().unwrap().push(line);
@@ -122,7 +131,10 @@ impl Server {
                 }
             }
             if start.elapsed() > limit {
-                panic!("fovea not ready after {limit:?}: {:?}", self.log.lock().unwrap());
+                panic!(
+                    "fovea not ready after {limit:?}: {:?}",
+                    self.log.lock().unwrap()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -131,7 +143,12 @@ impl Server {
     /// One sample of a metric with the given labels, e.g.
     /// `metric("fovea_images_total", &[("model", "m")])`.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let text = client().get(self.url("/metrics")).send().ok()?.text().ok()?;
+        let text = client()
+            .get(self.url("/metrics"))
+            .send()
+            .ok()?
+            .text()
+            .ok()?;
         metric_value(&text, name, labels)
     }
 
@@ -149,7 +166,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(start.elapsed() < limit, "fovea did not exit within {limit:?}");
+            assert!(
+                start.elapsed() < limit,
+                "fovea did not exit within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
