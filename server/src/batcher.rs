@@ -251,7 +251,9 @@ impl<R: BatchRunner> Worker<R> {
         let n = live.len();
         let result = catch_unwind(AssertUnwindSafe(|| self.runner.run(inputs)));
         let inference = start.elapsed();
-        self.metrics.inference_duration.observe(inference.as_secs_f64());
+        self.metrics
+            .inference_duration
+            .observe(inference.as_secs_f64());
         self.metrics.batch_size.observe(n as f64);
         let outputs = match result {
             Ok(Ok(outputs)) if outputs.len() == n => Ok(outputs),
@@ -329,7 +331,10 @@ mod tests {
         }
     }
 
-    fn spawn(s: BatchSettings, open: bool) -> (Batcher<i32, i32>, Arc<Mutex<Vec<usize>>>, Arc<AtomicBool>) {
+    fn spawn(
+        s: BatchSettings,
+        open: bool,
+    ) -> (Batcher<i32, i32>, Arc<Mutex<Vec<usize>>>, Arc<AtomicBool>) {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(AtomicBool::new(open));
         let runner = Doubler {
@@ -401,7 +406,10 @@ mod tests {
         let rxs = b.submit(vec![1, 2], soon).unwrap();
         assert_eq!(
             results(rxs),
-            vec![Err(JobError::DeadlineExceeded), Err(JobError::DeadlineExceeded)]
+            vec![
+                Err(JobError::DeadlineExceeded),
+                Err(JobError::DeadlineExceeded)
+            ]
         );
         assert!(sizes.lock().unwrap().is_empty(), "nothing ran");
     }

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "fovea", version, about = "Fovea: an inference server for vision models")]
+#[command(
+    name = "fovea",
+    version,
+    about = "Fovea: an inference server for vision models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

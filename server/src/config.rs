@@ -200,7 +200,10 @@ impl ServeConfig {
         }
         for (i, m) in models.iter().enumerate() {
             if !fovea_weights::store::is_valid_name(&m.name) {
-                bail!("invalid model name {:?} (letters, digits, '-', '_', '.')", m.name);
+                bail!(
+                    "invalid model name {:?} (letters, digits, '-', '_', '.')",
+                    m.name
+                );
             }
             if models[..i].iter().any(|other| other.name == m.name) {
                 bail!("model {:?} is configured twice", m.name);
@@ -324,16 +327,26 @@ mod tests {
             "#,
         )
         .unwrap();
-        let c = ServeConfig::merge(&args(&["--max-batch-size", "16", "--http-addr", "127.0.0.1:7000"]), file)
-            .unwrap();
+        let c = ServeConfig::merge(
+            &args(&["--max-batch-size", "16", "--http-addr", "127.0.0.1:7000"]),
+            file,
+        )
+        .unwrap();
         assert_eq!(c.http_addr.port(), 7000);
         assert_eq!(c.dtype, "f16");
         assert_eq!(c.models.len(), 2);
         let a = &c.models[0].batching;
         assert_eq!(a.max_batch_size, 16, "flag over file");
         assert_eq!(a.queue_capacity, 100, "file over default");
-        assert_eq!(a.max_queue_delay, Duration::from_millis(20), "per-model file setting");
-        assert_eq!(c.models[1].batching.max_queue_delay, Duration::from_millis(5));
+        assert_eq!(
+            a.max_queue_delay,
+            Duration::from_millis(20),
+            "per-model file setting"
+        );
+        assert_eq!(
+            c.models[1].batching.max_queue_delay,
+            Duration::from_millis(5)
+        );
     }
 
     #[test]
@@ -358,7 +371,10 @@ mod tests {
             parse_model_arg("resnet50:/w/my-net.safetensors").unwrap().0,
             "my-net"
         );
-        assert_eq!(parse_model_arg("/store/m1/model.safetensors").unwrap().0, "m1");
+        assert_eq!(
+            parse_model_arg("/store/m1/model.safetensors").unwrap().0,
+            "m1"
+        );
         assert!(parse_model_arg("=x").is_err());
     }
 }

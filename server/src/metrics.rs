@@ -39,7 +39,10 @@ impl Metrics {
         let m = Metrics {
             registry: Registry::new(),
             requests_total: IntCounterVec::new(
-                Opts::new("fovea_requests_total", "Requests answered, by model, route and status."),
+                Opts::new(
+                    "fovea_requests_total",
+                    "Requests answered, by model, route and status.",
+                ),
                 &["model", "route", "status"],
             )
             .expect("valid counter"),
@@ -79,7 +82,10 @@ impl Metrics {
             )
             .expect("valid gauge"),
             images_total: IntCounterVec::new(
-                Opts::new("fovea_images_total", "Images computed; its rate is the FPS."),
+                Opts::new(
+                    "fovea_images_total",
+                    "Images computed; its rate is the FPS.",
+                ),
                 &["model"],
             )
             .expect("valid counter"),
@@ -139,11 +145,15 @@ mod tests {
     #[test]
     fn renders_every_family_once_touched() {
         let m = Metrics::new();
-        m.requests_total.with_label_values(&["a", "/v1/classify", "200"]).inc();
+        m.requests_total
+            .with_label_values(&["a", "/v1/classify", "200"])
+            .inc();
         m.images_total.with_label_values(&["a"]).inc_by(3);
         m.batch_size.with_label_values(&["a"]).observe(3.0);
         let text = m.render();
-        assert!(text.contains(r#"fovea_requests_total{model="a",route="/v1/classify",status="200"} 1"#));
+        assert!(
+            text.contains(r#"fovea_requests_total{model="a",route="/v1/classify",status="200"} 1"#)
+        );
         assert!(text.contains(r#"fovea_images_total{model="a"} 3"#));
         assert!(text.contains(r#"fovea_batch_size_bucket{model="a",le="4"} 1"#));
     }

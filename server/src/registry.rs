@@ -18,7 +18,11 @@ use crate::metrics::Metrics;
 /// error here, at start-up.
 pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
     let (kind, ordinal) = match spec.split_once(':') {
-        Some((k, n)) => (k, n.parse::<usize>().with_context(|| format!("device {spec:?}"))?),
+        Some((k, n)) => (
+            k,
+            n.parse::<usize>()
+                .with_context(|| format!("device {spec:?}"))?,
+        ),
         None => (spec, 0),
     };
     match kind {
@@ -98,14 +102,20 @@ pub fn resolve_spec(
     if path.is_dir() {
         let weights = path.join(fovea_weights::store::WEIGHTS_FILE);
         if !weights.is_file() {
-            bail!("{} has no {}", path.display(), fovea_weights::store::WEIGHTS_FILE);
+            bail!(
+                "{} has no {}",
+                path.display(),
+                fovea_weights::store::WEIGHTS_FILE
+            );
         }
         let manifest = path
             .join(fovea_weights::store::MANIFEST_FILE)
             .is_file()
             .then(|| StoredModel::open(path).map(|m| m.manifest))
             .transpose()?;
-        let arch = arch.map(String::from).or(manifest.as_ref().map(|m| m.arch.clone()));
+        let arch = arch
+            .map(String::from)
+            .or(manifest.as_ref().map(|m| m.arch.clone()));
         return Ok(Resolved {
             weights,
             arch,
@@ -116,7 +126,10 @@ pub fn resolve_spec(
         Some(stored) => stored,
         None if fovea_weights::catalog::find(rest).is_some() => {
             if !pull {
-                bail!("model {rest:?} is not in the store ({}); run `fovea pull {rest}`", store.root().display());
+                bail!(
+                    "model {rest:?} is not in the store ({}); run `fovea pull {rest}`",
+                    store.root().display()
+                );
             }
             tracing::info!(model = rest, store = %store.root().display(), "pulling model into the store");
             fovea_weights::pull::pull(store, rest, &Default::default(), progress)?
@@ -129,7 +142,9 @@ pub fn resolve_spec(
     stored.verify()?;
     Ok(Resolved {
         weights: stored.weights_path(),
-        arch: arch.map(String::from).or(Some(stored.manifest.arch.clone())),
+        arch: arch
+            .map(String::from)
+            .or(Some(stored.manifest.arch.clone())),
         manifest: Some(stored.manifest),
     })
 }
@@ -149,8 +164,12 @@ pub fn load_classifier(
     dtype: DType,
     preprocess_override: Option<Preprocess>,
 ) -> anyhow::Result<ClassifierModel> {
-    let tensors = fovea_weights::safetensors_io::load_safetensors(&resolved.weights, DType::F32, &Device::Cpu)
-        .with_context(|| format!("reading {}", resolved.weights.display()))?;
+    let tensors = fovea_weights::safetensors_io::load_safetensors(
+        &resolved.weights,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .with_context(|| format!("reading {}", resolved.weights.display()))?;
     let map: HashMap<String, Tensor> = tensors.into_iter().collect();
     let classifier = Classifier::load(map, resolved.arch.as_deref(), device, dtype)
         .with_context(|| format!("loading {}", resolved.weights.display()))?;
@@ -164,7 +183,9 @@ pub fn load_classifier(
             .iter()
             .map(|s| s.to_string())
             .collect(),
-        _ => (0..info.num_classes).map(|i| format!("class_{i}")).collect(),
+        _ => (0..info.num_classes)
+            .map(|i| format!("class_{i}"))
+            .collect(),
     };
     Ok(ClassifierModel {
         classifier: Arc::new(classifier),
@@ -192,8 +213,18 @@ pub fn default_preprocess(variant: &str, layout: &str) -> Preprocess {
         (528, 0.942),
         (600, 0.949),
     ];
-    let lite_sizes = [(224, 0.882), (240, 0.882), (260, 0.890), (280, 0.904), (300, 0.920)];
-    let digit = variant.chars().last().and_then(|c| c.to_digit(10)).unwrap_or(0) as usize;
+    let lite_sizes = [
+        (224, 0.882),
+        (240, 0.882),
+        (260, 0.890),
+        (280, 0.904),
+        (300, 0.920),
+    ];
+    let digit = variant
+        .chars()
+        .last()
+        .and_then(|c| c.to_digit(10))
+        .unwrap_or(0) as usize;
     if variant.contains("lite") {
         let (size, crop) = lite_sizes[digit.min(4)];
         if layout == "lukemelas" {
@@ -203,7 +234,13 @@ pub fn default_preprocess(variant: &str, layout: &str) -> Preprocess {
     }
     if variant.contains("efficientnet") {
         let (size, crop) = b_sizes[digit.min(7)];
-        return Preprocess::timm(size, crop, Interpolation::Bicubic, IMAGENET_MEAN, IMAGENET_STD);
+        return Preprocess::timm(
+            size,
+            crop,
+            Interpolation::Bicubic,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+        );
     }
     Preprocess::torchvision_imagenet()
 }
@@ -338,7 +375,13 @@ pub fn load_model(
     let device_name = device_label(device);
     metrics
         .model_info
-        .with_label_values(&[name, &info.family, &info.variant, &device_name, dtype_label(dtype)])
+        .with_label_values(&[
+            name,
+            &info.family,
+            &info.variant,
+            &device_name,
+            dtype_label(dtype),
+        ])
         .set(1.0);
     // Touch the per-model series so they are exported from the start.
     metrics.images_total.with_label_values(&[name]);
@@ -380,8 +423,14 @@ mod tests {
 
     #[test]
     fn arch_prefixes() {
-        assert_eq!(strip_arch("resnet50:/a/b.safetensors"), (Some("resnet50"), "/a/b.safetensors"));
-        assert_eq!(strip_arch("efficientnet-lite0"), (None, "efficientnet-lite0"));
+        assert_eq!(
+            strip_arch("resnet50:/a/b.safetensors"),
+            (Some("resnet50"), "/a/b.safetensors")
+        );
+        assert_eq!(
+            strip_arch("efficientnet-lite0"),
+            (None, "efficientnet-lite0")
+        );
         assert_eq!(strip_arch("C:\\w.safetensors").0, None);
         assert_eq!(strip_arch("./a:b").0, None);
     }

@@ -34,7 +34,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let store = Store::new(&config.home);
             let mut models = Vec::new();
             for model in &config.models {
-                let loaded = registry::load_model(model, &store, config.pull, &device, dtype, &metrics)?;
+                let loaded =
+                    registry::load_model(model, &store, config.pull, &device, dtype, &metrics)?;
                 models.push(Arc::new(loaded));
             }
             let _ = state.registry.set(Arc::new(Registry::new(models)));
@@ -54,7 +55,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             signalled.notify_waiters();
         }
     };
-    let server = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(shutdown);
+    let server =
+        axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(shutdown);
     let timeout = config.shutdown_timeout;
     let drain_limit = async move {
         signalled.notified().await;

@@ -49,7 +49,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     match (&args.model, &args.http) {
         (Some(_), None) => bench_forward(&args),
         (None, Some(url)) => bench_http(&args, url),
-        _ => bail!("give either --model SPEC (forward pass) or --http URL --image FILE (end to end)"),
+        _ => {
+            bail!("give either --model SPEC (forward pass) or --http URL --image FILE (end to end)")
+        }
     }
 }
 
@@ -110,8 +112,13 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
         if !args.json {
             println!(
                 "{} {}  batch {:>3}  median {:>9.2} ms  min {:>9.2} ms  {:>8.2} img/s  ({} runs)",
-                info.variant, format_args!("{h}x{w}"), batch, med * 1e3, row["min_ms"].as_f64().unwrap_or(0.0),
-                batch as f64 / med, times.len()
+                info.variant,
+                format_args!("{h}x{w}"),
+                batch,
+                med * 1e3,
+                row["min_ms"].as_f64().unwrap_or(0.0),
+                batch as f64 / med,
+                times.len()
             );
         }
         rows.push(row);
@@ -127,7 +134,12 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 fn content_type_for(path: &std::path::Path) -> &'static str {
-    match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .as_deref()
+    {
         Some("png") => "image/png",
         Some("webp") => "image/webp",
         Some("bmp") => "image/bmp",
@@ -147,9 +159,17 @@ fn bench_http(args: &BenchArgs, url: &str) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(120))
         .build()?;
     // One request first: fail fast on a wrong URL.
-    let first = client.post(url).header("content-type", content_type).body(body.clone()).send()?;
+    let first = client
+        .post(url)
+        .header("content-type", content_type)
+        .body(body.clone())
+        .send()?;
     if !first.status().is_success() {
-        bail!("{url} answered {}: {}", first.status(), first.text().unwrap_or_default());
+        bail!(
+            "{url} answered {}: {}",
+            first.status(),
+            first.text().unwrap_or_default()
+        );
     }
 
     let measuring = Arc::new(AtomicBool::new(false));
@@ -160,12 +180,21 @@ fn bench_http(args: &BenchArgs, url: &str) -> anyhow::Result<()> {
     let workers: Vec<_> = (0..args.concurrency.max(1))
         .map(|_| {
             let (client, url, body) = (client.clone(), url.to_string(), body.clone());
-            let (measuring, stop, ok, failed, latencies) =
-                (measuring.clone(), stop.clone(), ok.clone(), failed.clone(), latencies.clone());
+            let (measuring, stop, ok, failed, latencies) = (
+                measuring.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                latencies.clone(),
+            );
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
-                    let result = client.post(&url).header("content-type", content_type).body(body.clone()).send();
+                    let result = client
+                        .post(&url)
+                        .header("content-type", content_type)
+                        .body(body.clone())
+                        .send();
                     let good = matches!(&result, Ok(r) if r.status().is_success());
                     if let Ok(r) = result {
                         let _ = r.bytes();
@@ -193,7 +222,13 @@ fn bench_http(args: &BenchArgs, url: &str) -> anyhow::Result<()> {
     }
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p) as usize] * 1e3 };
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * p) as usize] * 1e3
+        }
+    };
     let n = ok.load(Ordering::SeqCst);
     let out = json!({
         "url": url, "image": image, "concurrency": args.concurrency, "seconds": elapsed,

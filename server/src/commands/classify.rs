@@ -49,7 +49,13 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
         println!("{}", path.display());
         println!("  {:>4}  {:>8}  {:<6}  label", "rank", "score", "class");
         for (rank, &(id, score)) in preds.iter().enumerate() {
-            println!("  {:>4}  {:>8.4}  {:<6}  {}", rank + 1, score, id, model.labels[id]);
+            println!(
+                "  {:>4}  {:>8.4}  {:<6}  {}",
+                rank + 1,
+                score,
+                id,
+                model.labels[id]
+            );
         }
     }
     Ok(())

@@ -17,7 +17,10 @@ pub fn models(args: ModelsArgs) -> anyhow::Result<()> {
             .iter()
             .map(|e| json!({"name": e.name, "family": e.family, "task": e.task, "license": e.license, "description": e.description}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"store": stored, "catalog": catalog}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"store": stored, "catalog": catalog}))?
+        );
         return Ok(());
     }
     println!("store: {}", store.root().display());
@@ -33,8 +36,15 @@ pub fn models(args: ModelsArgs) -> anyhow::Result<()> {
     }
     println!("catalog (fovea pull NAME):");
     for e in catalog {
-        let pulled = if stored.iter().any(|m| m.manifest.name == e.name) { "pulled" } else { "" };
-        println!("  {:<24} {:<14} {:<11} {:<7} {}", e.name, e.family, e.license, pulled, e.description);
+        let pulled = if stored.iter().any(|m| m.manifest.name == e.name) {
+            "pulled"
+        } else {
+            ""
+        };
+        println!(
+            "  {:<24} {:<14} {:<11} {:<7} {}",
+            e.name, e.family, e.license, pulled, e.description
+        );
     }
     Ok(())
 }

@@ -16,7 +16,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         bail!("{} has no `pixel_values` tensor", args.input.display());
     };
     if pixel_values.rank() != 4 || pixel_values.dim(1)? != 3 {
-        bail!("pixel_values must be [B,3,H,W], got {:?}", pixel_values.dims());
+        bail!(
+            "pixel_values must be [B,3,H,W], got {:?}",
+            pixel_values.dims()
+        );
     }
     let x = pixel_values
         .to_dtype(model.dtype)?
@@ -29,6 +32,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let outputs = HashMap::from([("logits".to_string(), logits)]);
     candle_core::safetensors::save(&outputs, &args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    eprintln!("wrote logits {:?} to {}", outputs["logits"].dims(), args.output.display());
+    eprintln!(
+        "wrote logits {:?} to {}",
+        outputs["logits"].dims(),
+        args.output.display()
+    );
     Ok(())
 }

@@ -111,8 +111,16 @@ async fn handle(
         timings.push(timing);
     }
 
-    let queue_ms = timings.iter().map(|t| t.queued.as_secs_f64()).fold(0.0, f64::max) * 1e3;
-    let inference_ms = timings.iter().map(|t| t.inference.as_secs_f64()).fold(0.0, f64::max) * 1e3;
+    let queue_ms = timings
+        .iter()
+        .map(|t| t.queued.as_secs_f64())
+        .fold(0.0, f64::max)
+        * 1e3;
+    let inference_ms = timings
+        .iter()
+        .map(|t| t.inference.as_secs_f64())
+        .fold(0.0, f64::max)
+        * 1e3;
     let batch_sizes: Vec<usize> = timings.iter().map(|t| t.batch_size).collect();
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     tracing::info!(
@@ -170,9 +178,19 @@ async fn preprocess_all(
         })
         .collect();
     let mut inputs = Vec::with_capacity(count);
-    for (i, task) in futures::future::join_all(tasks).await.into_iter().enumerate() {
+    for (i, task) in futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .enumerate()
+    {
         let input = task
-            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "preprocessing failed"))?
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "preprocessing failed",
+                )
+            })?
             .map_err(|e| e.for_image(i, count))?;
         inputs.push(input);
     }

@@ -36,7 +36,11 @@ impl ApiError {
     }
 
     pub fn unsupported_media_type(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            message,
+        )
     }
 
     pub fn payload_too_large(message: impl Into<String>) -> Self {
@@ -88,9 +92,11 @@ impl From<ImageInputError> for ApiError {
     fn from(e: ImageInputError) -> Self {
         let message = e.to_string();
         match e {
-            ImageInputError::Unsupported(_) => {
-                ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image_format", message)
-            }
+            ImageInputError::Unsupported(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_image_format",
+                message,
+            ),
             ImageInputError::TooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", message)
             }
@@ -116,7 +122,9 @@ impl From<JobError> for ApiError {
         match e {
             JobError::DeadlineExceeded => ApiError::deadline_exceeded(),
             // The model failed on valid input: that is the server's fault.
-            JobError::Failed(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", m),
+            JobError::Failed(m) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", m)
+            }
         }
     }
 }

@@ -111,9 +111,8 @@ fn percent_decode(s: &str) -> String {
 /// Read the whole body, refusing more than `limit` bytes (413) before
 /// buffering it where the length is declared.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::payload_too_large(format!("the request body is larger than {limit} bytes"))
-    };
+    let too_large =
+        || ApiError::payload_too_large(format!("the request body is larger than {limit} bytes"));
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -126,7 +125,9 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
     }
 }
 
@@ -141,7 +142,12 @@ pub async fn parse_request(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     // The boundary parameter is case-sensitive: only the type is lowered.
-    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let images = match mime.as_str() {
         "multipart/form-data" => parse_multipart(content_type, body, &mut options).await?,
         "application/json" => parse_json(&body, &mut options)?,
@@ -178,16 +184,17 @@ async fn parse_multipart(
     let bad = |e: multer::Error| ApiError::bad_request(format!("malformed multipart body: {e}"));
     while let Some(field) = multipart.next_field().await.map_err(bad)? {
         let is_file = field.file_name().is_some()
-            || field
-                .content_type()
-                .is_some_and(|m| m.type_() == "image" || m.essence_str() == "application/octet-stream");
+            || field.content_type().is_some_and(|m| {
+                m.type_() == "image" || m.essence_str() == "application/octet-stream"
+            });
         let name = field.name().unwrap_or("").to_string();
         let data = field.bytes().await.map_err(bad)?;
         if is_file || matches!(name.as_str(), "image" | "images" | "file" | "files") {
             images.push(data);
         } else {
-            let text = String::from_utf8(data.to_vec())
-                .map_err(|_| ApiError::invalid_option(format!("option {name:?} is not UTF-8 text")))?;
+            let text = String::from_utf8(data.to_vec()).map_err(|_| {
+                ApiError::invalid_option(format!("option {name:?} is not UTF-8 text"))
+            })?;
             options.set(&name, Value::String(text));
         }
     }
@@ -198,20 +205,29 @@ fn parse_json(body: &[u8], options: &mut Options) -> Result<Vec<Bytes>, ApiError
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
     let Value::Object(fields) = value else {
-        return Err(ApiError::bad_request("the JSON body must be an object with \"images\""));
+        return Err(ApiError::bad_request(
+            "the JSON body must be an object with \"images\"",
+        ));
     };
     let mut images = Vec::new();
     for (key, value) in fields {
         match key.as_str() {
             "images" => {
                 let Value::Array(items) = value else {
-                    return Err(ApiError::bad_request("\"images\" must be an array of base64 strings"));
+                    return Err(ApiError::bad_request(
+                        "\"images\" must be an array of base64 strings",
+                    ));
                 };
                 for (i, item) in items.iter().enumerate() {
-                    images.push(decode_base64(item).map_err(|m| ApiError::bad_request(format!("images[{i}]: {m}")))?);
+                    images.push(
+                        decode_base64(item)
+                            .map_err(|m| ApiError::bad_request(format!("images[{i}]: {m}")))?,
+                    );
                 }
             }
-            "image" => images.push(decode_base64(&value).map_err(|m| ApiError::bad_request(format!("image: {m}")))?),
+            "image" => images.push(
+                decode_base64(&value).map_err(|m| ApiError::bad_request(format!("image: {m}")))?,
+            ),
             _ => options.set(&key, value),
         }
     }
@@ -224,11 +240,14 @@ fn decode_base64(value: &Value) -> Result<Bytes, String> {
         return Err("expected a base64 string".into());
     };
     let data = match s.strip_prefix("data:") {
-        Some(rest) => rest.split_once(',').map(|(_, d)| d).ok_or("malformed data: URL")?,
+        Some(rest) => rest
+            .split_once(',')
+            .map(|(_, d)| d)
+            .ok_or("malformed data: URL")?,
         None => s.as_str(),
     };
     let cleaned: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD, STANDARD_NO_PAD};
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
     for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
         if let Ok(bytes) = engine.decode(&cleaned) {
             return Ok(Bytes::from(bytes));
@@ -244,22 +263,36 @@ mod tests {
 
     fn headers(content_type: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_str(content_type).unwrap(),
+        );
         h
     }
 
     #[tokio::test]
     async fn raw_json_and_multipart_bodies() {
-        let raw = parse_request(&headers("image/png"), Bytes::from_static(b"PNG"), Options::default())
-            .await
-            .unwrap();
+        let raw = parse_request(
+            &headers("image/png"),
+            Bytes::from_static(b"PNG"),
+            Options::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(raw.images, vec![Bytes::from_static(b"PNG")]);
 
         let json = br#"{"images": ["aGVsbG8=", "data:image/png;base64,d29ybGQ"], "top_k": 3}"#;
-        let req = parse_request(&headers("application/json"), Bytes::from_static(json), Options::default())
-            .await
-            .unwrap();
-        assert_eq!(req.images, vec![Bytes::from_static(b"hello"), Bytes::from_static(b"world")]);
+        let req = parse_request(
+            &headers("application/json"),
+            Bytes::from_static(json),
+            Options::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            req.images,
+            vec![Bytes::from_static(b"hello"), Bytes::from_static(b"world")]
+        );
         assert_eq!(req.options.integer("top_k", 1, 10).unwrap(), Some(3));
 
         let body = "--XX\r\nContent-Disposition: form-data; name=\"a\"; filename=\"a.png\"\r\n\
@@ -273,7 +306,10 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(req.images, vec![Bytes::from_static(b"AAA"), Bytes::from_static(b"BBB")]);
+        assert_eq!(
+            req.images,
+            vec![Bytes::from_static(b"AAA"), Bytes::from_static(b"BBB")]
+        );
         assert_eq!(req.options.integer("top_k", 1, 10).unwrap(), Some(2));
     }
 
@@ -281,15 +317,30 @@ mod tests {
     async fn bad_bodies_get_the_right_status() {
         let status = |r: Result<ImageRequest, ApiError>| r.unwrap_err().status.as_u16();
         let h = headers("text/plain");
-        assert_eq!(status(parse_request(&h, Bytes::from_static(b"x"), Options::default()).await), 415);
+        assert_eq!(
+            status(parse_request(&h, Bytes::from_static(b"x"), Options::default()).await),
+            415
+        );
         let h = headers("application/json");
-        assert_eq!(status(parse_request(&h, Bytes::from_static(b"{"), Options::default()).await), 400);
+        assert_eq!(
+            status(parse_request(&h, Bytes::from_static(b"{"), Options::default()).await),
+            400
+        );
         let bad_b64 = Bytes::from_static(br#"{"images": ["@@@"]}"#);
-        assert_eq!(status(parse_request(&h, bad_b64, Options::default()).await), 400);
+        assert_eq!(
+            status(parse_request(&h, bad_b64, Options::default()).await),
+            400
+        );
         let none = Bytes::from_static(br#"{"images": []}"#);
-        assert_eq!(status(parse_request(&h, none, Options::default()).await), 400);
+        assert_eq!(
+            status(parse_request(&h, none, Options::default()).await),
+            400
+        );
         let h = headers("image/jpeg");
-        assert_eq!(status(parse_request(&h, Bytes::new(), Options::default()).await), 400);
+        assert_eq!(
+            status(parse_request(&h, Bytes::new(), Options::default()).await),
+            400
+        );
     }
 
     #[test]
@@ -299,6 +350,14 @@ mod tests {
         assert_eq!(o.integer("top_k", 1, 5).unwrap_err().status.as_u16(), 422);
         let o = Options::from_query(Some("topk=3")).unwrap();
         assert_eq!(o.check_known(&["top_k"]).unwrap_err().status.as_u16(), 422);
-        assert_eq!(Options::from_query(Some("top_k=abc")).unwrap().integer("top_k", 1, 5).unwrap_err().status.as_u16(), 422);
+        assert_eq!(
+            Options::from_query(Some("top_k=abc"))
+                .unwrap()
+                .integer("top_k", 1, 5)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            422
+        );
     }
 }
