@@ -22,12 +22,12 @@ use tokio::sync::oneshot;
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct BatchSettings {
     pub max_batch_size: usize,
-    #[serde(serialize_with = "as_millis")]
+    #[serde(rename = "max_queue_delay_ms", serialize_with = "as_millis")]
     pub max_queue_delay: Duration,
     /// Images admitted and not yet computed, at most.
     pub queue_capacity: usize,
     /// Deadline of a request that asks for none.
-    #[serde(serialize_with = "as_millis")]
+    #[serde(rename = "request_timeout_ms", serialize_with = "as_millis")]
     pub request_timeout: Duration,
 }
 
