@@ -331,10 +331,9 @@ mod tests {
         }
     }
 
-    fn spawn(
-        s: BatchSettings,
-        open: bool,
-    ) -> (Batcher<i32, i32>, Arc<Mutex<Vec<usize>>>, Arc<AtomicBool>) {
+    type Spawned = (Batcher<i32, i32>, Arc<Mutex<Vec<usize>>>, Arc<AtomicBool>);
+
+    fn spawn(s: BatchSettings, open: bool) -> Spawned {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(AtomicBool::new(open));
         let runner = Doubler {

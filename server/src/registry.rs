@@ -176,7 +176,7 @@ pub fn load_classifier(
     let info = classifier.info();
     let preprocess = preprocess_override
         .or_else(|| resolved.manifest.as_ref().map(|m| m.preprocess.clone()))
-        .unwrap_or_else(|| default_preprocess(&info.variant, &info.layout));
+        .unwrap_or_else(|| default_preprocess(&info.variant, info.layout));
     let labels = match resolved.manifest.as_ref().map(|m| &m.labels) {
         Some(Labels::Names(names)) if names.len() == info.num_classes => names.clone(),
         _ if info.num_classes == 1000 => fovea_model_core::labels::imagenet1k()
@@ -377,7 +377,7 @@ pub fn load_model(
         .model_info
         .with_label_values(&[
             name,
-            &info.family,
+            info.family,
             &info.variant,
             &device_name,
             dtype_label(dtype),

@@ -85,7 +85,7 @@ async fn handle(
     let inputs = preprocess_all(state, &model, request.images).await?;
     let preprocess_ms = prep_started.elapsed().as_secs_f64() * 1e3;
 
-    let receivers = model.batcher.submit(inputs, deadline.into())?;
+    let receivers = model.batcher.submit(inputs, deadline)?;
     let mut results = Vec::with_capacity(count);
     let mut timings: Vec<JobTiming> = Vec::with_capacity(count);
     for rx in receivers {
