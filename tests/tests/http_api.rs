@@ -251,7 +251,7 @@ fn bad_input_gets_the_right_status_never_a_500() {
         "--model",
         &format!("tiny={}", tiny_model()),
         "--max-body-bytes",
-        "400000",
+        "1000000",
         "--max-image-pixels",
         "1000000",
         "--max-images-per-request",
@@ -287,7 +287,7 @@ fn bad_input_gets_the_right_status_never_a_500() {
         400
     );
     assert_eq!(
-        error_of(post("image/png", vec![0u8; 500_000])),
+        error_of(post("image/png", vec![0u8; 1_100_000])),
         (413, "payload_too_large".into())
     );
 
@@ -326,13 +326,19 @@ fn bad_input_gets_the_right_status_never_a_500() {
     assert_eq!(error_of(with("topk=3")), (422, "invalid_option".into()));
     assert_eq!(with("top_k=2").status(), 200);
 
-    let five: Vec<(&str, Vec<u8>)> = (0..5).map(|_| ("c.png", coffee.clone())).collect();
+    // The count is checked before anything is decoded.
+    let five: Vec<(&str, Vec<u8>)> = (0..5).map(|_| ("c.png", png_bomb(8, 8))).collect();
     let r = client()
         .post(&url)
         .multipart(multipart_of(&five))
         .send()
         .unwrap();
-    assert_eq!(error_of(r).0, 413, "more images than allowed");
+    assert_eq!(r.status(), 413, "more images than allowed");
+    let body: Value = r.json().unwrap();
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("5 images in one request"));
     // One bad image among good ones fails the request, naming it.
     let mixed = vec![("a.png", coffee.clone()), ("b.png", b"junk".to_vec())];
     let r = client()
