@@ -130,3 +130,67 @@ fn rand_suffix() -> u128 {
         .unwrap()
         .as_nanos()
 }
+
+#[test]
+fn import_converts_a_pickled_module_and_ignores_a_hostile_payload() {
+    let tmp = tempfile_dir();
+    let fixtures = repo_root().join("weights/tests/fixtures");
+    // A whole pickled nn.Module in fp16 inside a dict, as Ultralytics saves them.
+    let out = tmp.join("module.safetensors");
+    let result = fovea(
+        &[
+            "import",
+            fixtures.join("module_zip.pt").to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("module_expected.json")).unwrap())
+            .unwrap();
+    let keys = expected["keys"].as_array().expect("expected key list");
+    assert!(!keys.is_empty());
+    for key in keys {
+        let key = key.as_str().unwrap();
+        assert!(header.get(key).is_some(), "{key} missing from the import");
+    }
+
+    // A checkpoint whose pickle calls os.system, eval and Popen next to two
+    // real tensors: the tensors are imported, the calls stay inert data.
+    let markers = ["os_system", "eval", "popen"].map(|m| format!("/tmp/fovea_pwned_4c1e_{m}"));
+    for m in &markers {
+        let _ = std::fs::remove_file(m);
+    }
+    let out = tmp.join("hostile.safetensors");
+    let result = fovea(
+        &[
+            "import",
+            fixtures.join("hostile_zip.pt").to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    for m in &markers {
+        assert!(!std::path::Path::new(m).exists(), "{m}: the payload ran");
+    }
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert!(
+        header.get("weight").is_some() && header.get("bias").is_some(),
+        "{header}"
+    );
+}
