@@ -17,10 +17,15 @@ fn fovea(args: &[&str], home: &std::path::Path) -> std::process::Output {
 
 /// Read a safetensors file's f32 tensor with Python-free, dependency-free
 /// parsing: the header is JSON, the data little-endian.
+/// The JSON header of a safetensors file and where its data starts.
+fn header(bytes: &[u8]) -> (serde_json::Value, usize) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (serde_json::from_slice(&bytes[8..8 + n]).unwrap(), 8 + n)
+}
+
 fn read_f32(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let (header, start) = header(&bytes);
     let info = &header[name];
     assert_eq!(info["dtype"], "F32", "{name} in {}", path.display());
     let shape = info["shape"]
@@ -34,7 +39,7 @@ fn read_f32(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
         offsets[0].as_u64().unwrap() as usize,
         offsets[1].as_u64().unwrap() as usize,
     );
-    let data = bytes[8 + n + a..8 + n + b]
+    let data = bytes[start + a..start + b]
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
@@ -150,9 +155,7 @@ fn import_converts_a_pickled_module_and_ignores_a_hostile_payload() {
         "{}",
         String::from_utf8_lossy(&result.stderr)
     );
-    let bytes = std::fs::read(&out).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let (header, _) = header(&std::fs::read(&out).unwrap());
     let expected: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures.join("module_expected.json")).unwrap())
             .unwrap();
@@ -186,9 +189,7 @@ fn import_converts_a_pickled_module_and_ignores_a_hostile_payload() {
         "{}",
         String::from_utf8_lossy(&result.stderr)
     );
-    let bytes = std::fs::read(&out).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let (header, _) = header(&std::fs::read(&out).unwrap());
     assert!(
         header.get("weight").is_some() && header.get("bias").is_some(),
         "{header}"
