@@ -18,14 +18,14 @@ fn fovea(args: &[&str], home: &std::path::Path) -> std::process::Output {
 /// Read a safetensors file's f32 tensor with Python-free, dependency-free
 /// parsing: the header is JSON, the data little-endian.
 /// The JSON header of a safetensors file and where its data starts.
-fn header(bytes: &[u8]) -> (serde_json::Value, usize) {
+fn read_header(bytes: &[u8]) -> (serde_json::Value, usize) {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     (serde_json::from_slice(&bytes[8..8 + n]).unwrap(), 8 + n)
 }
 
 fn read_f32(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();
-    let (header, start) = header(&bytes);
+    let (header, start) = read_header(&bytes);
     let info = &header[name];
     assert_eq!(info["dtype"], "F32", "{name} in {}", path.display());
     let shape = info["shape"]
@@ -155,7 +155,7 @@ fn import_converts_a_pickled_module_and_ignores_a_hostile_payload() {
         "{}",
         String::from_utf8_lossy(&result.stderr)
     );
-    let (header, _) = header(&std::fs::read(&out).unwrap());
+    let (header, _) = read_header(&std::fs::read(&out).unwrap());
     let expected: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures.join("module_expected.json")).unwrap())
             .unwrap();
@@ -189,7 +189,7 @@ fn import_converts_a_pickled_module_and_ignores_a_hostile_payload() {
         "{}",
         String::from_utf8_lossy(&result.stderr)
     );
-    let (header, _) = header(&std::fs::read(&out).unwrap());
+    let (header, _) = read_header(&std::fs::read(&out).unwrap());
     assert!(
         header.get("weight").is_some() && header.get("bias").is_some(),
         "{header}"
