@@ -15,10 +15,10 @@
 
 use candle_core::{Module, Result, Tensor};
 
-use crate::classifier::ModelError;
 use crate::layers::{
     global_avg_pool, symmetric_pad, Activation, Conv2d, ConvSpec, Linear, Padding, Placement,
 };
+use crate::model_error::ModelError;
 use crate::weight_map::{child_indices, dim_of, Shapes, WeightMap};
 
 /// The stride of each of the seven stages' first block.

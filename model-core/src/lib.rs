@@ -7,6 +7,7 @@ pub mod efficientnet;
 pub mod image_input;
 pub mod labels;
 pub mod layers;
+pub mod model_error;
 pub mod preprocess;
 pub mod resnet;
 pub mod topk;

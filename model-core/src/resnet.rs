@@ -8,8 +8,8 @@
 
 use candle_core::{Module, Result, Tensor};
 
-use crate::classifier::ModelError;
 use crate::layers::{global_avg_pool, pad2d, Activation, Conv2d, ConvSpec, Linear, Placement};
+use crate::model_error::ModelError;
 use crate::weight_map::{child_indices, dim_of, Shapes, WeightMap};
 
 /// torchvision's and timm's batch-norm epsilon (PyTorch's default).

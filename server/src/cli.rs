@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// What `fovea serve` serves when no model is configured.
+pub const DEFAULT_MODEL: &str = "efficientnet-lite0";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "fovea",
@@ -31,7 +34,7 @@ pub enum Command {
     /// List the model store and the catalog.
     Models(ModelsArgs),
     /// Measure forward-pass and end-to-end HTTP throughput.
-    Bench(crate::commands::bench::BenchArgs),
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -94,7 +97,7 @@ pub struct ServeArgs {
 pub struct ModelArgs {
     /// Model SPEC: catalog or store name, .safetensors file or model directory,
     /// optionally prefixed by the architecture (resnet50:path).
-    #[arg(long, env = "FOVEA_MODEL", default_value = crate::config::DEFAULT_MODEL)]
+    #[arg(long, env = "FOVEA_MODEL", default_value = DEFAULT_MODEL)]
     pub model: String,
     /// cpu, cuda:N or metal:N.
     #[arg(long, env = "FOVEA_DEVICE", default_value = "cpu")]
@@ -157,6 +160,40 @@ pub struct ModelsArgs {
     #[arg(long, env = "FOVEA_HOME")]
     pub home: Option<PathBuf>,
     /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Forward pass: the model SPEC to time.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Forward pass: batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batch: Vec<usize>,
+    /// Forward pass: input size (default: the model's).
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// End to end: the URL to POST images to (e.g. http://127.0.0.1:8080/v1/classify).
+    #[arg(long)]
+    pub http: Option<String>,
+    /// End to end: the image to send (its Content-Type is taken from the extension).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// End to end: concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Seconds of measurement per configuration (after warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    #[arg(long, env = "FOVEA_HOME")]
+    pub home: Option<PathBuf>,
+    /// Print one JSON object instead of lines.
     #[arg(long)]
     pub json: bool,
 }

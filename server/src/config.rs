@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::batcher::BatchSettings;
 use crate::cli::ServeArgs;
 
-pub const DEFAULT_MODEL: &str = "efficientnet-lite0";
+pub use crate::cli::DEFAULT_MODEL;
 
 /// The TOML file, every field optional.
 #[derive(Debug, Default, Deserialize)]
@@ -256,6 +256,20 @@ impl ServeConfig {
     }
 }
 
+/// Split `arch:path` into its parts; the arch is only taken when it looks
+/// like an architecture name (so `C:\...` or `./a:b` stay paths).
+pub fn strip_arch(spec: &str) -> (Option<&str>, &str) {
+    if let Some((arch, rest)) = spec.split_once(':') {
+        let looks_like_arch = arch.len() > 1
+            && arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && arch.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+        if looks_like_arch && !rest.is_empty() {
+            return (Some(arch), rest);
+        }
+    }
+    (None, spec)
+}
+
 /// `NAME=SPEC`, or a bare `SPEC` named after its file or catalog name.
 pub fn parse_model_arg(arg: &str) -> anyhow::Result<(String, String)> {
     if let Some((name, spec)) = arg.split_once('=') {
@@ -270,7 +284,7 @@ pub fn parse_model_arg(arg: &str) -> anyhow::Result<(String, String)> {
 /// A name for a model given only by its spec: the catalog name, or the
 /// file (or directory) name without its extension.
 pub fn default_name(spec: &str) -> String {
-    let path = crate::registry::strip_arch(spec).1;
+    let path = strip_arch(spec).1;
     let p = Path::new(path);
     let stem = if p.file_name().is_some_and(|f| f == "model.safetensors") {
         p.parent().and_then(|d| d.file_name())

@@ -12,6 +12,7 @@ use fovea_model_core::preprocess::Preprocess;
 use fovea_weights::store::{Labels, Manifest, Store, StoredModel};
 
 use crate::batcher::{BatchMetrics, BatchRunner, BatchSettings, Batcher};
+use crate::config::strip_arch;
 use crate::metrics::Metrics;
 
 /// `cpu`, `cuda:N`, `metal:N`. Asking for a device this build lacks is an
@@ -58,20 +59,6 @@ pub fn dtype_label(dtype: DType) -> &'static str {
         DType::BF16 => "bf16",
         _ => "f32",
     }
-}
-
-/// Split `arch:path` into its parts; the arch is only taken when it looks
-/// like an architecture name (so `C:\...` or `./a:b` stay paths).
-pub fn strip_arch(spec: &str) -> (Option<&str>, &str) {
-    if let Some((arch, rest)) = spec.split_once(':') {
-        let looks_like_arch = arch.len() > 1
-            && arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && arch.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
-        if looks_like_arch && !rest.is_empty() {
-            return (Some(arch), rest);
-        }
-    }
-    (None, spec)
 }
 
 /// Where a SPEC's weights are and what is known about them.
@@ -423,6 +410,7 @@ mod tests {
 
     #[test]
     fn arch_prefixes() {
+        use crate::config::strip_arch;
         assert_eq!(
             strip_arch("resnet50:/a/b.safetensors"),
             (Some("resnet50"), "/a/b.safetensors")

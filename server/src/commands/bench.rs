@@ -1,49 +1,15 @@
 //! `fovea bench`: forward-pass throughput of a model, or end-to-end HTTP
 //! throughput against a running server. Prints figures; asserts nothing.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use clap::Args;
 use serde_json::json;
 
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// Forward pass: the model SPEC to time.
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Forward pass: batch sizes.
-    #[arg(long, value_delimiter = ',', default_value = "1,8")]
-    pub batch: Vec<usize>,
-    /// Forward pass: input size (default: the model's).
-    #[arg(long)]
-    pub size: Option<usize>,
-    /// End to end: the URL to POST images to (e.g. http://127.0.0.1:8080/v1/classify).
-    #[arg(long)]
-    pub http: Option<String>,
-    /// End to end: the image to send (its Content-Type is taken from the extension).
-    #[arg(long)]
-    pub image: Option<PathBuf>,
-    /// End to end: concurrent clients.
-    #[arg(long, default_value_t = 8)]
-    pub concurrency: usize,
-    /// Seconds of measurement per configuration (after warm-up).
-    #[arg(long, default_value_t = 10.0)]
-    pub seconds: f64,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    #[arg(long, env = "FOVEA_HOME")]
-    pub home: Option<PathBuf>,
-    /// Print one JSON object instead of lines.
-    #[arg(long)]
-    pub json: bool,
-}
+pub use crate::cli::BenchArgs;
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     match (&args.model, &args.http) {
