@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Device, Tensor};
-use fovea_model_core::classifier::Classifier;
+use fovea_model_core::classifier::{Classifier, ClassifierInfo};
 use fovea_model_core::preprocess::Preprocess;
 use fovea_weights::store::{Labels, Manifest, Store, StoredModel};
 
@@ -163,7 +163,7 @@ pub fn load_classifier(
     let info = classifier.info();
     let preprocess = preprocess_override
         .or_else(|| resolved.manifest.as_ref().map(|m| m.preprocess.clone()))
-        .unwrap_or_else(|| default_preprocess(&info.variant, info.layout));
+        .unwrap_or_else(|| default_preprocess(info));
     let labels = match resolved.manifest.as_ref().map(|m| &m.labels) {
         Some(Labels::Names(names)) if names.len() == info.num_classes => names.clone(),
         _ if info.num_classes == 1000 => fovea_model_core::labels::imagenet1k()
@@ -183,53 +183,40 @@ pub fn load_classifier(
     })
 }
 
-/// The eval transform the reference library uses for an architecture.
-pub fn default_preprocess(variant: &str, layout: &str) -> Preprocess {
+/// The eval transform the reference library uses for an architecture. The
+/// input size is the model's own (`ClassifierInfo::default_input_size`);
+/// timm's pretrained configs pair each size with a crop_pct.
+pub fn default_preprocess(info: &ClassifierInfo) -> Preprocess {
     use fovea_model_core::preprocess::Interpolation;
     const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
     const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
     const INCEPTION: [f32; 3] = [0.5, 0.5, 0.5];
-    // timm's pretrained configs: (input size, crop_pct).
-    let b_sizes = [
-        (224, 0.875),
-        (240, 0.882),
-        (260, 0.890),
-        (300, 0.904),
-        (380, 0.922),
-        (456, 0.934),
-        (528, 0.942),
-        (600, 0.949),
-    ];
-    let lite_sizes = [
-        (224, 0.882),
-        (240, 0.882),
-        (260, 0.890),
-        (280, 0.904),
-        (300, 0.920),
-    ];
-    let digit = variant
-        .chars()
-        .last()
-        .and_then(|c| c.to_digit(10))
-        .unwrap_or(0) as usize;
-    if variant.contains("lite") {
-        let (size, crop) = lite_sizes[digit.min(4)];
-        if layout == "lukemelas" {
-            return Preprocess::efficientnet_lite(size);
-        }
-        return Preprocess::timm(size, crop, Interpolation::Bicubic, INCEPTION, INCEPTION);
+    let size = info.default_input_size as u32;
+    let lite = info.variant.contains("lite");
+    if info.family != "efficientnet" {
+        return Preprocess::torchvision_imagenet();
     }
-    if variant.contains("efficientnet") {
-        let (size, crop) = b_sizes[digit.min(7)];
-        return Preprocess::timm(
-            size,
-            crop,
-            Interpolation::Bicubic,
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-        );
+    if lite && info.layout == "lukemelas" {
+        return Preprocess::efficientnet_lite(size);
     }
-    Preprocess::torchvision_imagenet()
+    let crop_pct = match (lite, size) {
+        (true, 300) => 0.920,
+        (_, 240) => 0.882,
+        (true, 224) => 0.882,
+        (_, 260) => 0.890,
+        (_, 280 | 300) => 0.904,
+        (_, 380) => 0.922,
+        (_, 456) => 0.934,
+        (_, 528) => 0.942,
+        (_, 600) => 0.949,
+        _ => 0.875,
+    };
+    let (mean, std) = if lite {
+        (INCEPTION, INCEPTION)
+    } else {
+        (IMAGENET_MEAN, IMAGENET_STD)
+    };
+    Preprocess::timm(size, crop_pct, Interpolation::Bicubic, mean, std)
 }
 
 /// Runs batches of preprocessed images through a classifier.
@@ -421,6 +408,33 @@ mod tests {
         );
         assert_eq!(strip_arch("C:\\w.safetensors").0, None);
         assert_eq!(strip_arch("./a:b").0, None);
+    }
+
+    #[test]
+    fn default_preprocessing_follows_the_architecture() {
+        let info =
+            |family: &'static str, variant: &str, layout: &'static str, size| ClassifierInfo {
+                family,
+                variant: variant.into(),
+                layout,
+                num_classes: 1000,
+                default_input_size: size,
+                device: Device::Cpu,
+                dtype: DType::F32,
+            };
+        let resnet = default_preprocess(&info("resnet", "resnet50", "torchvision/timm", 224));
+        assert_eq!(resnet, Preprocess::torchvision_imagenet());
+        let lite = default_preprocess(&info(
+            "efficientnet",
+            "tf_efficientnet_lite0",
+            "lukemelas",
+            224,
+        ));
+        assert_eq!(lite, Preprocess::efficientnet_lite(224));
+        let b3 = default_preprocess(&info("efficientnet", "efficientnet_b3", "timm", 300));
+        assert_eq!(b3.input_size(), (300, 300));
+        let lite4 = default_preprocess(&info("efficientnet", "tf_efficientnet_lite4", "timm", 300));
+        assert_eq!(lite4.mean, [0.5; 3]);
     }
 
     #[test]
