@@ -162,7 +162,7 @@ pub fn load_classifier(
         .with_context(|| format!("loading {}", resolved.weights.display()))?;
     let info = classifier.info();
     let preprocess = preprocess_override
-        .or_else(|| resolved.manifest.as_ref().map(|m| m.preprocess.clone()))
+        .or_else(|| resolved.manifest.as_ref().and_then(|m| m.preprocess.clone()))
         .unwrap_or_else(|| default_preprocess(info));
     let labels = match resolved.manifest.as_ref().map(|m| &m.labels) {
         Some(Labels::Names(names)) if names.len() == info.num_classes => names.clone(),

