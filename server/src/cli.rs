@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// What `fovea serve` serves when no model is configured.
+/// The default classifier (`fovea classify`, and served by default).
 pub const DEFAULT_MODEL: &str = "efficientnet-lite0";
+/// The default detector (`fovea detect`, and served by default).
+pub const DEFAULT_DETECTION_MODEL: &str = "yolov5s";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +27,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Classify images with a model, without a server.
     Classify(ClassifyArgs),
+    /// Detect objects in images with a model, without a server.
+    Detect(DetectArgs),
     /// Feed preprocessed tensors to a model and write its raw outputs.
     Run(RunArgs),
     /// Convert a PyTorch checkpoint (.pt/.pth) to safetensors, executing nothing.
@@ -47,7 +51,7 @@ pub struct ServeArgs {
     pub http_addr: Option<SocketAddr>,
     /// A model to serve, NAME=SPEC (repeatable; the environment takes a comma-separated list).
     /// SPEC is a catalog or store name, a .safetensors file or model directory, optionally
-    /// prefixed by the architecture (resnet50:path). [default: efficientnet-lite0]
+    /// prefixed by the architecture (resnet50:path). [default: efficientnet-lite0 and yolov5s]
     #[arg(long = "model", env = "FOVEA_MODELS", value_delimiter = ',')]
     pub models: Vec<String>,
     /// cpu, cuda:N or metal:N [default: cpu].
@@ -96,9 +100,10 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Model SPEC: catalog or store name, .safetensors file or model directory,
-    /// optionally prefixed by the architecture (resnet50:path).
-    #[arg(long, env = "FOVEA_MODEL", default_value = DEFAULT_MODEL)]
-    pub model: String,
+    /// optionally prefixed by the architecture (resnet50:path)
+    /// [default: efficientnet-lite0 to classify, yolov5s to detect].
+    #[arg(long, env = "FOVEA_MODEL")]
+    pub model: Option<String>,
     /// cpu, cuda:N or metal:N.
     #[arg(long, env = "FOVEA_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -126,13 +131,47 @@ pub struct ClassifyArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct DetectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Lowest score kept.
+    #[arg(long, default_value_t = 0.25)]
+    pub confidence: f32,
+    /// IoU above which the lower-scored of two boxes of a class is dropped.
+    #[arg(long, default_value_t = 0.45)]
+    pub iou: f32,
+    /// Most detections per image.
+    #[arg(long, default_value_t = 300)]
+    pub max_detections: usize,
+    /// Keep only these classes (names or ids, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Vec<String>,
+    /// Suppress overlapping boxes across classes too.
+    #[arg(long)]
+    pub agnostic: bool,
+    /// Letterbox side (a multiple of 32) [default: the model's, 640].
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Print JSON (as the HTTP API answers) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the image with the boxes drawn (JPEG); with several images,
+    /// OUT-1.jpg, OUT-2.jpg, ...
+    #[arg(long, value_name = "OUT.jpg")]
+    pub save: Option<PathBuf>,
+    /// Images to look at.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// safetensors file with the inputs (`pixel_values`).
     #[arg(long)]
     pub input: PathBuf,
-    /// safetensors file for the raw outputs (`logits`).
+    /// safetensors file for the raw outputs (`logits`; YOLO: `output`).
     #[arg(long)]
     pub output: PathBuf,
 }

@@ -12,7 +12,10 @@ use serde::Deserialize;
 use crate::batcher::BatchSettings;
 use crate::cli::ServeArgs;
 
-pub use crate::cli::DEFAULT_MODEL;
+pub use crate::cli::{DEFAULT_DETECTION_MODEL, DEFAULT_MODEL};
+
+/// What `fovea serve` serves when no model is configured: one model per task.
+pub const DEFAULT_MODELS: [&str; 2] = [DEFAULT_MODEL, DEFAULT_DETECTION_MODEL];
 
 /// The TOML file, every field optional.
 #[derive(Debug, Default, Deserialize)]
@@ -56,8 +59,10 @@ pub struct FileModel {
     pub spec: String,
     #[serde(flatten)]
     pub batching: FileBatching,
-    /// Replaces the checkpoint's preprocessing.
+    /// Replaces a classifier's preprocessing.
     pub preprocess: Option<Preprocess>,
+    /// A detector's letterbox side (a multiple of 32).
+    pub input_size: Option<u32>,
 }
 
 /// Request limits.
@@ -75,6 +80,7 @@ pub struct ModelConfig {
     pub spec: String,
     pub batching: BatchSettings,
     pub preprocess: Option<Preprocess>,
+    pub input_size: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -179,6 +185,7 @@ impl ServeConfig {
                     spec,
                     batching: batching_for(&batching)?,
                     preprocess: from_file.and_then(|m| m.preprocess.clone()),
+                    input_size: from_file.and_then(|m| m.input_size),
                 });
             }
         } else if !file.models.is_empty() {
@@ -188,15 +195,19 @@ impl ServeConfig {
                     spec: m.spec.clone(),
                     batching: batching_for(&m.batching)?,
                     preprocess: m.preprocess.clone(),
+                    input_size: m.input_size,
                 });
             }
         } else {
-            models.push(ModelConfig {
-                name: DEFAULT_MODEL.into(),
-                spec: DEFAULT_MODEL.into(),
-                batching: batching_for(&FileBatching::default())?,
-                preprocess: None,
-            });
+            for default in DEFAULT_MODELS {
+                models.push(ModelConfig {
+                    name: default.into(),
+                    spec: default.into(),
+                    batching: batching_for(&FileBatching::default())?,
+                    preprocess: None,
+                    input_size: None,
+                });
+            }
         }
         for (i, m) in models.iter().enumerate() {
             if !fovea_weights::store::is_valid_name(&m.name) {
@@ -314,10 +325,11 @@ mod tests {
     }
 
     #[test]
-    fn defaults_serve_the_default_model() {
+    fn defaults_serve_a_classifier_and_a_detector() {
         let c = ServeConfig::merge(&args(&[]), FileConfig::default()).unwrap();
-        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models.len(), 2);
         assert_eq!(c.models[0].name, DEFAULT_MODEL);
+        assert_eq!(c.models[1].name, DEFAULT_DETECTION_MODEL);
         assert_eq!(c.http_addr.port(), 8080);
         assert_eq!(c.models[0].batching.max_batch_size, 8);
     }

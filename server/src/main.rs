@@ -6,6 +6,8 @@ mod commands;
 mod config;
 mod http;
 mod metrics;
+mod network;
+mod postprocess;
 mod registry;
 mod serve;
 

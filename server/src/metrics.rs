@@ -10,6 +10,7 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+const DETECTION_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0];
 const LOAD_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 pub struct Metrics {
@@ -24,6 +25,7 @@ pub struct Metrics {
     pub images_total: IntCounterVec,
     pub model_info: GaugeVec,
     pub model_load_duration: HistogramVec,
+    pub detections_per_image: HistogramVec,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
@@ -100,6 +102,12 @@ impl Metrics {
                 &["model"],
                 LOAD_BUCKETS,
             ),
+            detections_per_image: histogram(
+                "fovea_detections_per_image",
+                "Objects found in one image by a detector.",
+                &["model"],
+                DETECTION_BUCKETS,
+            ),
         };
         for c in m.collectors() {
             m.registry.register(c).expect("unique metric names");
@@ -119,6 +127,7 @@ impl Metrics {
             Box::new(self.images_total.clone()),
             Box::new(self.model_info.clone()),
             Box::new(self.model_load_duration.clone()),
+            Box::new(self.detections_per_image.clone()),
         ]
     }
 

@@ -1,19 +1,19 @@
 //! Loading models from their SPEC and keeping the loaded ones.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
-use candle_core::{DType, Device, Tensor};
-use fovea_model_core::classifier::{Classifier, ClassifierInfo};
+use candle_core::{DType, Device};
+use fovea_model_core::classifier::ClassifierInfo;
 use fovea_model_core::preprocess::Preprocess;
-use fovea_weights::store::{Labels, Manifest, Store, StoredModel};
+use fovea_weights::store::{Manifest, Store, StoredModel};
 
-use crate::batcher::{BatchMetrics, BatchRunner, BatchSettings, Batcher};
+use crate::batcher::{BatchMetrics, BatchSettings, Batcher};
 use crate::config::strip_arch;
 use crate::metrics::Metrics;
+use crate::network::{load_network, InputPipeline, LoadOverrides, Task};
 
 /// `cpu`, `cuda:N`, `metal:N`. Asking for a device this build lacks is an
 /// error here, at start-up.
@@ -136,53 +136,6 @@ pub fn resolve_spec(
     })
 }
 
-/// A classifier ready to run, with what is needed to feed it and read it.
-pub struct ClassifierModel {
-    pub classifier: Arc<Classifier>,
-    pub preprocess: Preprocess,
-    pub labels: Arc<Vec<String>>,
-    pub device: Device,
-    pub dtype: DType,
-}
-
-pub fn load_classifier(
-    resolved: &Resolved,
-    device: &Device,
-    dtype: DType,
-    preprocess_override: Option<Preprocess>,
-) -> anyhow::Result<ClassifierModel> {
-    let tensors = fovea_weights::safetensors_io::load_safetensors(
-        &resolved.weights,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .with_context(|| format!("reading {}", resolved.weights.display()))?;
-    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    let classifier = Classifier::load(map, resolved.arch.as_deref(), device, dtype)
-        .with_context(|| format!("loading {}", resolved.weights.display()))?;
-    let info = classifier.info();
-    let preprocess = preprocess_override
-        .or_else(|| resolved.manifest.as_ref().and_then(|m| m.preprocess.clone()))
-        .unwrap_or_else(|| default_preprocess(info));
-    let labels = match resolved.manifest.as_ref().map(|m| &m.labels) {
-        Some(Labels::Names(names)) if names.len() == info.num_classes => names.clone(),
-        _ if info.num_classes == 1000 => fovea_model_core::labels::imagenet1k()
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        _ => (0..info.num_classes)
-            .map(|i| format!("class_{i}"))
-            .collect(),
-    };
-    Ok(ClassifierModel {
-        classifier: Arc::new(classifier),
-        preprocess,
-        labels: Arc::new(labels),
-        device: device.clone(),
-        dtype,
-    })
-}
-
 /// The eval transform the reference library uses for an architecture. The
 /// input size is the model's own (`ClassifierInfo::default_input_size`);
 /// timm's pretrained configs pair each size with a crop_pct.
@@ -219,54 +172,17 @@ pub fn default_preprocess(info: &ClassifierInfo) -> Preprocess {
     Preprocess::timm(size, crop_pct, Interpolation::Bicubic, mean, std)
 }
 
-/// Runs batches of preprocessed images through a classifier.
-pub struct ClassifierRunner {
-    pub model: Arc<Classifier>,
-    pub device: Device,
-    pub dtype: DType,
-    pub height: usize,
-    pub width: usize,
-}
-
-impl ClassifierRunner {
-    /// Logits for a batch of CHW images.
-    pub fn logits(&self, images: &[Vec<f32>]) -> anyhow::Result<Vec<Vec<f32>>> {
-        let n = images.len();
-        let plane = 3 * self.height * self.width;
-        let mut flat = Vec::with_capacity(n * plane);
-        for image in images {
-            if image.len() != plane {
-                bail!("image of {} values, expected {plane}", image.len());
-            }
-            flat.extend_from_slice(image);
-        }
-        let x = Tensor::from_vec(flat, (n, 3, self.height, self.width), &Device::Cpu)?
-            .to_device(&self.device)?
-            .to_dtype(self.dtype)?;
-        let logits = self.model.forward(&x)?.to_dtype(DType::F32)?;
-        Ok(logits.to_vec2::<f32>()?)
-    }
-}
-
-impl BatchRunner for ClassifierRunner {
-    type Input = Vec<f32>;
-    type Output = Vec<f32>;
-    fn run(&mut self, inputs: Vec<Vec<f32>>) -> anyhow::Result<Vec<Vec<f32>>> {
-        self.logits(&inputs)
-    }
-}
-
 /// A model being served.
 pub struct LoadedModel {
     pub name: String,
     pub family: String,
     pub variant: String,
     pub layout: String,
-    pub task: &'static str,
+    pub task: Task,
     pub device: String,
     pub dtype: &'static str,
     pub num_classes: usize,
-    pub preprocess: Preprocess,
+    pub pipeline: InputPipeline,
     pub labels: Arc<Vec<String>>,
     pub source: String,
     pub batcher: Batcher<Vec<f32>, Vec<f32>>,
@@ -275,6 +191,46 @@ pub struct LoadedModel {
 impl LoadedModel {
     pub fn settings(&self) -> &BatchSettings {
         self.batcher.settings()
+    }
+}
+
+/// Why [`Registry::for_task`] found no model.
+#[derive(Debug, PartialEq)]
+pub enum Lookup {
+    NotFound(String),
+    WrongTask {
+        model: String,
+        its_task: Task,
+        task: Task,
+        serving: Vec<String>,
+    },
+    NoneForTask(Task),
+}
+
+impl std::fmt::Display for Lookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lookup::NotFound(name) => write!(f, "model {name:?} is not loaded"),
+            Lookup::WrongTask {
+                model,
+                its_task,
+                task,
+                serving,
+            } => {
+                write!(
+                    f,
+                    "model {model:?} does {}, not {}; ",
+                    its_task.as_str(),
+                    task.as_str()
+                )?;
+                if serving.is_empty() {
+                    write!(f, "no loaded model does {}", task.as_str())
+                } else {
+                    write!(f, "{} is served by: {}", task.as_str(), serving.join(", "))
+                }
+            }
+            Lookup::NoneForTask(task) => write!(f, "no loaded model does {}", task.as_str()),
+        }
     }
 }
 
@@ -293,6 +249,40 @@ impl Registry {
         match name {
             Some(name) => self.models.iter().find(|m| m.name == name),
             None => self.models.first(),
+        }
+    }
+
+    /// The model named for a task, or the task's first model.
+    pub fn for_task(&self, name: Option<&str>, task: Task) -> Result<&Arc<LoadedModel>, Lookup> {
+        let serving = || -> Vec<String> {
+            self.models
+                .iter()
+                .filter(|m| m.task == task)
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        match name {
+            Some(name) => {
+                let model = self
+                    .models
+                    .iter()
+                    .find(|m| m.name == name)
+                    .ok_or_else(|| Lookup::NotFound(name.to_string()))?;
+                if model.task != task {
+                    return Err(Lookup::WrongTask {
+                        model: name.to_string(),
+                        its_task: model.task,
+                        task,
+                        serving: serving(),
+                    });
+                }
+                Ok(model)
+            }
+            None => self
+                .models
+                .iter()
+                .find(|m| m.task == task)
+                .ok_or(Lookup::NoneForTask(task)),
         }
     }
 
@@ -320,21 +310,19 @@ pub fn load_model(
     let start = Instant::now();
     let resolved = resolve_spec(&config.spec, store, pull, &|_| {})
         .with_context(|| format!("model {:?}", config.name))?;
-    let loaded = load_classifier(&resolved, device, dtype, config.preprocess.clone())
-        .with_context(|| format!("model {:?}", config.name))?;
-    let info = loaded.classifier.info().clone();
-    let (h, w) = loaded.preprocess.input_size();
-    let runner = ClassifierRunner {
-        model: loaded.classifier.clone(),
-        device: device.clone(),
-        dtype,
-        height: h as usize,
-        width: w as usize,
+    let overrides = LoadOverrides {
+        preprocess: config.preprocess.clone(),
+        input_size: config.input_size,
     };
+    let loaded = load_network(&resolved, device, dtype, &overrides)
+        .with_context(|| format!("model {:?}", config.name))?;
+    let network = loaded.network.clone();
+    let (h, w) = loaded.pipeline.input_size();
+    let runner = loaded.runner();
     // Warm-up: the first forward pass allocates and initialises; do it
     // before the model is reported ready.
     runner
-        .logits(&[vec![0.0; 3 * (h * w) as usize]])
+        .forward(&[vec![0.0; 3 * (h * w) as usize]])
         .map_err(|e| anyhow!("model {:?}: warm-up failed: {e:#}", config.name))?;
 
     let name = config.name.as_str();
@@ -351,8 +339,8 @@ pub fn load_model(
         .model_info
         .with_label_values(&[
             name,
-            info.family,
-            &info.variant,
+            network.family(),
+            &network.variant(),
             &device_name,
             dtype_label(dtype),
         ])
@@ -366,10 +354,11 @@ pub fn load_model(
         .observe(start.elapsed().as_secs_f64());
     tracing::info!(
         model = name,
-        family = %info.family,
-        variant = %info.variant,
-        layout = %info.layout,
-        classes = info.num_classes,
+        task = network.task().as_str(),
+        family = network.family(),
+        variant = %network.variant(),
+        layout = network.layout(),
+        classes = network.num_classes(),
         device = %device_name,
         dtype = dtype_label(dtype),
         load_s = start.elapsed().as_secs_f64(),
@@ -377,14 +366,14 @@ pub fn load_model(
     );
     Ok(LoadedModel {
         name: name.to_string(),
-        family: info.family.to_string(),
-        variant: info.variant.clone(),
-        layout: info.layout.to_string(),
-        task: "classification",
+        family: network.family().to_string(),
+        variant: network.variant(),
+        layout: network.layout().to_string(),
+        task: network.task(),
         device: device_name,
         dtype: dtype_label(dtype),
-        num_classes: info.num_classes,
-        preprocess: loaded.preprocess,
+        num_classes: network.num_classes(),
+        pipeline: loaded.pipeline,
         labels: loaded.labels,
         source: config.spec.clone(),
         batcher,

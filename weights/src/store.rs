@@ -174,9 +174,27 @@ impl Store {
             fs::remove_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
         }
         let staged = staging.keep();
+        share_read_only(&staged).map_err(|e| StoreError::io(&staged, e))?;
         fs::rename(&staged, &dir).map_err(|e| StoreError::io(&dir, e))?;
         StoredModel::open(&dir)
     }
+}
+
+/// A stored model is readable by everyone (a store mounted into a container
+/// is often read by another user); the staging directory and its temporary
+/// files were created private.
+fn share_read_only(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+        for entry in fs::read_dir(dir)? {
+            fs::set_permissions(entry?.path(), fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 /// Names become directory names: keep them to a safe alphabet.
@@ -286,6 +304,13 @@ mod tests {
         let again = store.get("m1").unwrap().unwrap();
         assert_eq!(again.manifest, stored.manifest);
         assert_eq!(store.list().unwrap().len(), 1);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&stored.dir), 0o755);
+            assert_eq!(mode(&stored.weights_path()), 0o644);
+        }
 
         fs::write(stored.weights_path(), b"tampered").unwrap();
         let err = stored.verify().unwrap_err().to_string();

@@ -28,20 +28,25 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
     let model_args = crate::cli::ModelArgs {
-        model: args.model.clone().unwrap_or_default(),
+        model: args.model.clone(),
         device: args.device.clone(),
         dtype: args.dtype.clone(),
         home: args.home.clone(),
     };
-    let model = super::load(&model_args)?;
+    let model = super::load(
+        &model_args,
+        crate::cli::DEFAULT_MODEL,
+        None,
+        &Default::default(),
+    )?;
     let (h, w) = match args.size {
         Some(s) => (s, s),
         None => {
-            let (h, w) = model.preprocess.input_size();
+            let (h, w) = model.pipeline.input_size();
             (h as usize, w as usize)
         }
     };
-    let info = model.classifier.info().clone();
+    let variant = model.network.variant();
     let threads = candle_core::utils::get_num_threads();
     let mut rows = Vec::new();
     for &batch in &args.batch {
@@ -49,7 +54,7 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
             .to_dtype(model.dtype)?
             .to_device(&model.device)?;
         let run = || -> anyhow::Result<()> {
-            let y = model.classifier.forward(&x)?;
+            let y = model.network.forward(&x)?;
             // Wait for the device: copy the (small) result back.
             y.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
             Ok(())
@@ -78,7 +83,7 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
         if !args.json {
             println!(
                 "{} {}  batch {:>3}  median {:>9.2} ms  min {:>9.2} ms  {:>8.2} img/s  ({} runs)",
-                info.variant,
+                variant,
                 format_args!("{h}x{w}"),
                 batch,
                 med * 1e3,
@@ -91,7 +96,7 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.json {
         let out = json!({
-            "model": args.model, "variant": info.variant, "input": [h, w], "device": args.device,
+            "model": args.model, "variant": variant, "input": [h, w], "device": args.device,
             "dtype": args.dtype, "threads": threads, "results": rows,
         });
         println!("{out}");

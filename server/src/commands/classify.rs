@@ -5,27 +5,25 @@ use fovea_model_core::image_input::{decode_image, DecodeLimits};
 use fovea_model_core::topk::softmax_topk;
 use serde_json::json;
 
-use crate::cli::ClassifyArgs;
-use crate::registry::ClassifierRunner;
+use crate::cli::{ClassifyArgs, DEFAULT_MODEL};
+use crate::network::Task;
 
 pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
-    let model = super::load(&args.model)?;
-    let (h, w) = model.preprocess.input_size();
-    let runner = ClassifierRunner {
-        model: model.classifier.clone(),
-        device: model.device.clone(),
-        dtype: model.dtype,
-        height: h as usize,
-        width: w as usize,
-    };
+    let model = super::load(
+        &args.model,
+        DEFAULT_MODEL,
+        Some(Task::Classification),
+        &Default::default(),
+    )?;
+    let runner = model.runner();
     let mut inputs = Vec::with_capacity(args.images.len());
     for path in &args.images {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let decoded = decode_image(&bytes, &DecodeLimits::default())
             .with_context(|| format!("decoding {}", path.display()))?;
-        inputs.push(model.preprocess.apply(&decoded.image)?);
+        inputs.push(model.pipeline.apply(&decoded.image)?.values);
     }
-    let logits = runner.logits(&inputs)?;
+    let logits = runner.forward(&inputs)?;
     let top_k = args.top_k.clamp(1, model.labels.len());
     let results: Vec<Vec<(usize, f32)>> = logits.iter().map(|l| softmax_topk(l, top_k)).collect();
 
@@ -41,7 +39,7 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
                 json!({"image": path, "predictions": predictions})
             })
             .collect();
-        let out = json!({"model": args.model.model, "results": results});
+        let out = json!({"model": args.model.model.as_deref().unwrap_or(DEFAULT_MODEL), "results": results});
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }

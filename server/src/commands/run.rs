@@ -9,7 +9,8 @@ use candle_core::{DType, Device};
 use crate::cli::RunArgs;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let model = super::load(&args.model)?;
+    let default = crate::cli::DEFAULT_MODEL;
+    let model = super::load(&args.model, default, None, &Default::default())?;
     let inputs = candle_core::safetensors::load(&args.input, &Device::Cpu)
         .with_context(|| format!("reading {}", args.input.display()))?;
     let Some(pixel_values) = inputs.get("pixel_values") else {
@@ -24,18 +25,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let x = pixel_values
         .to_dtype(model.dtype)?
         .to_device(&model.device)?;
-    let logits = model
-        .classifier
+    let output = model
+        .network
         .forward(&x)?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?;
-    let outputs = HashMap::from([("logits".to_string(), logits)]);
-    candle_core::safetensors::save(&outputs, &args.output)
-        .with_context(|| format!("writing {}", args.output.display()))?;
+    let name = model.network.output_name();
     eprintln!(
-        "wrote logits {:?} to {}",
-        outputs["logits"].dims(),
+        "wrote {name} {:?} to {}",
+        output.dims(),
         args.output.display()
     );
+    let outputs = HashMap::from([(name.to_string(), output)]);
+    candle_core::safetensors::save(&outputs, &args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
     Ok(())
 }

@@ -84,6 +84,62 @@ impl Options {
     }
 }
 
+impl Options {
+    /// A number in `min..=max`, given as a JSON number or a string.
+    pub fn number(&self, key: &str, min: f64, max: f64) -> Result<Option<f64>, ApiError> {
+        let value = match self.values.get(key) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(v) => v,
+        };
+        let parsed = match value {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse::<f64>().ok(),
+            _ => None,
+        };
+        match parsed {
+            Some(x) if x.is_finite() && (min..=max).contains(&x) => Ok(Some(x)),
+            _ => Err(ApiError::invalid_option(format!(
+                "{key} must be a number from {min} to {max}, got {value}"
+            ))),
+        }
+    }
+
+    /// `true`/`false` (also `1`/`0`, and a bare `?key` meaning true).
+    pub fn boolean(&self, key: &str) -> Result<Option<bool>, ApiError> {
+        match self.values.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
+                "" | "true" | "1" | "yes" => Ok(Some(true)),
+                "false" | "0" | "no" => Ok(Some(false)),
+                _ => Err(ApiError::invalid_option(format!(
+                    "{key} must be true or false, got {s:?}"
+                ))),
+            },
+            Some(other) => Err(ApiError::invalid_option(format!(
+                "{key} must be true or false, got {other}"
+            ))),
+        }
+    }
+
+    /// A list of names or numbers: a JSON array, or a comma-separated string.
+    pub fn list(&self, key: &str) -> Result<Option<Vec<String>>, ApiError> {
+        let item = |v: &Value| match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(n.to_string()),
+            other => Err(ApiError::invalid_option(format!(
+                "{key} must list names or ids, got {other}"
+            ))),
+        };
+        match self.values.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items.iter().map(item).collect::<Result<_, _>>().map(Some),
+            Some(Value::String(s)) => Ok(Some(s.split(',').map(str::to_string).collect())),
+            Some(other) => Ok(Some(vec![item(other)?])),
+        }
+    }
+}
+
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

@@ -1,7 +1,9 @@
 //! The HTTP front end (axum).
 
 mod classify;
+mod detect;
 pub mod error;
+mod infer;
 pub mod input;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,6 +68,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/classify",
             post(classify::classify).put(classify::classify),
         )
+        .route(
+            "/v1/detect",
+            post(detect::detect_route).put(detect::detect_route),
+        )
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(get_model))
         .route("/healthz", get(healthz))
@@ -92,7 +98,7 @@ async fn not_found() -> ApiError {
 }
 
 pub fn describe(model: &LoadedModel) -> Value {
-    let (h, w) = model.preprocess.input_size();
+    let (h, w) = model.pipeline.input_size();
     json!({
         "name": model.name,
         "task": model.task,
@@ -103,7 +109,7 @@ pub fn describe(model: &LoadedModel) -> Value {
         "dtype": model.dtype,
         "input_size": [h, w],
         "num_classes": model.num_classes,
-        "preprocess": model.preprocess,
+        "preprocess": model.pipeline,
         "batching": model.settings(),
         "source": model.source,
     })

@@ -212,3 +212,29 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
             all.then(|| value.parse().ok()).flatten()
         })
 }
+
+/// A tiny random-weight YOLOv8 from the conformance fixtures, imported
+/// from its Ultralytics `.pt` with `fovea import` once per test binary.
+pub fn tiny_detector() -> String {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    let path = PATH.get_or_init(|| {
+        let pt = repo_root().join(TINY_DETECTOR_PT);
+        assert!(pt.is_file(), "missing fixture {}", pt.display());
+        // Test binaries run in parallel: import beside, rename into place.
+        let out = target_dir().join("e2e-tiny-detector.safetensors");
+        let partial = out.with_extension(format!("{}.partial", std::process::id()));
+        let status = Command::new(fovea_bin())
+            .arg("import")
+            .arg(&pt)
+            .arg(&partial)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run fovea import");
+        assert!(status.success(), "fovea import {}", pt.display());
+        std::fs::rename(&partial, &out).unwrap();
+        out
+    });
+    path.display().to_string()
+}
+
+pub const TINY_DETECTOR_PT: &str = "model-core/tests/fixtures/models/yolov8_tiny/model.pt";

@@ -1,0 +1,227 @@
+//! `POST /v1/detect`: boxes as JSON, or the image with the boxes drawn
+//! (`Accept: image/jpeg` or `render=true`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use fovea_model_core::detection::DetectOptions;
+use fovea_model_core::render::{encode_jpeg, render};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::infer::{infer, read_request, ImageResult};
+use super::AppState;
+use crate::network::Task;
+use crate::postprocess::{class_filter, detect, detection_json};
+
+const ROUTE: &str = "/v1/detect";
+const OPTIONS: &[&str] = &[
+    "model",
+    "confidence",
+    "iou",
+    "max_detections",
+    "classes",
+    "agnostic",
+    "render",
+    "timeout_ms",
+];
+const DEFAULT_CONFIDENCE: f64 = 0.25;
+const DEFAULT_IOU: f64 = 0.45;
+const DEFAULT_MAX_DETECTIONS: u64 = 300;
+const MAX_DETECTIONS: u64 = 10_000;
+const JPEG_QUALITY: u8 = 90;
+
+pub async fn detect_route(
+    State(state): State<Arc<AppState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let mut model_label = "unknown".to_string();
+    let result = handle(&state, uri, headers, body, started, &mut model_label).await;
+    let status = match &result {
+        Ok(_) => StatusCode::OK,
+        Err(e) => {
+            tracing::info!(route = ROUTE, status = e.status.as_u16(), code = e.code, error = %e.message, "request refused");
+            e.status
+        }
+    };
+    state.record(&model_label, ROUTE, status, started);
+    match result {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Does the client want a picture back?
+fn wants_image(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.split(';').next().unwrap_or("").trim())
+        .next()
+        .is_some_and(|first| first.eq_ignore_ascii_case("image/jpeg"))
+}
+
+async fn handle(
+    state: &Arc<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+    started: Instant,
+    model_label: &mut String,
+) -> Result<Response, ApiError> {
+    let request = read_request(
+        state,
+        uri,
+        &headers,
+        body,
+        Task::Detection,
+        OPTIONS,
+        started,
+        model_label,
+    )
+    .await?;
+    let model = request.model.clone();
+    let options = &request.options;
+    let classes = match options.list("classes")? {
+        None => None,
+        Some(values) => {
+            Some(class_filter(&values, &model.labels).map_err(ApiError::invalid_option)?)
+        }
+    };
+    let detect_options = DetectOptions {
+        confidence: options
+            .number("confidence", 0.0, 1.0)?
+            .unwrap_or(DEFAULT_CONFIDENCE) as f32,
+        iou: options.number("iou", 0.0, 1.0)?.unwrap_or(DEFAULT_IOU) as f32,
+        max_detections: options
+            .integer("max_detections", 1, MAX_DETECTIONS)?
+            .unwrap_or(DEFAULT_MAX_DETECTIONS) as usize,
+        classes,
+        agnostic: options.boolean("agnostic")?.unwrap_or(false),
+    };
+    // An explicit `render` wins over the Accept header.
+    let render_image = options
+        .boolean("render")?
+        .unwrap_or_else(|| wants_image(&headers));
+    let count = request.images.len();
+    if render_image && count != 1 {
+        return Err(ApiError::invalid_option(format!(
+            "a drawn image answers one image per request; this one has {count}"
+        )));
+    }
+
+    let (images, timing) = infer(state, request, render_image).await?;
+    let num_classes = model.num_classes;
+    let labels = model.labels.clone();
+    let histogram = state
+        .metrics
+        .detections_per_image
+        .with_label_values(&[&model.name]);
+    // NMS and drawing are CPU work: off the async workers.
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut per_image = Vec::with_capacity(images.len());
+        for image in &images {
+            let transform = image
+                .letterbox
+                .as_ref()
+                .expect("detectors letterbox their input");
+            let found = detect(&image.output, num_classes, transform, &detect_options);
+            histogram.observe(found.len() as f64);
+            per_image.push(found);
+        }
+        if render_image {
+            let ImageResult { decoded, .. } = &images[0];
+            let decoded = decoded.as_ref().expect("kept for drawing");
+            let jpeg = encode_jpeg(&render(decoded, &per_image[0], &labels), JPEG_QUALITY);
+            return Answer::Image {
+                jpeg,
+                detections: per_image[0].len(),
+            };
+        }
+        let results: Vec<Value> = images
+            .iter()
+            .zip(&per_image)
+            .map(|(image, found)| {
+                let detections: Vec<Value> =
+                    found.iter().map(|d| detection_json(d, &labels)).collect();
+                json!({"width": image.width, "height": image.height, "detections": detections})
+            })
+            .collect();
+        Answer::Json(results)
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "postprocessing failed",
+        )
+    })?;
+
+    tracing::info!(
+        route = ROUTE,
+        model = %model.name,
+        images = count,
+        batch_size = timing.batch_sizes.iter().max().copied().unwrap_or(0),
+        preprocess_ms = timing.preprocess_ms,
+        queue_ms = timing.queue_ms,
+        inference_ms = timing.inference_ms,
+        total_ms = started.elapsed().as_secs_f64() * 1e3,
+        status = 200,
+        "detected"
+    );
+    Ok(match answer {
+        Answer::Image { jpeg, detections } => (
+            [
+                (header::CONTENT_TYPE, "image/jpeg".to_string()),
+                (
+                    header::HeaderName::from_static("x-fovea-detections"),
+                    detections.to_string(),
+                ),
+            ],
+            jpeg,
+        )
+            .into_response(),
+        Answer::Json(results) => Json(json!({
+            "model": model.name,
+            "results": results,
+            "timing": timing.to_json(started),
+        }))
+        .into_response(),
+    })
+}
+
+enum Answer {
+    Image { jpeg: Vec<u8>, detections: usize },
+    Json(Vec<Value>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_header_picks_the_answer() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, v.parse().unwrap());
+            wants_image(&h)
+        };
+        assert!(with("image/jpeg"));
+        assert!(with("image/jpeg;q=0.9, application/json;q=0.5"));
+        assert!(!with("application/json"));
+        assert!(!with("*/*"));
+        assert!(!with("application/json, image/jpeg"));
+        assert!(!wants_image(&HeaderMap::new()));
+    }
+}
