@@ -12,3 +12,4 @@ pub mod preprocess;
 pub mod resnet;
 pub mod topk;
 pub mod weight_map;
+pub mod yolo;
