@@ -3,12 +3,15 @@
 //! outputs. No I/O beyond the tensors and bytes handed to it.
 
 pub mod classifier;
+pub mod detection;
 pub mod efficientnet;
 pub mod image_input;
 pub mod labels;
 pub mod layers;
+pub mod letterbox;
 pub mod model_error;
 pub mod preprocess;
+pub mod render;
 pub mod resnet;
 pub mod topk;
 pub mod weight_map;
