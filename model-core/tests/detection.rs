@@ -104,8 +104,11 @@ fn letterbox_matches_ultralytics() {
     assert_eq!(total, 11);
 }
 
+/// A measurement, not a check (speed is never asserted in tests):
+/// `cargo test --release -p fovea-model-core --test detection -- --ignored --nocapture`.
 #[test]
-fn letterbox_is_fast_on_a_photo() {
+#[ignore = "a measurement: run with --ignored --nocapture"]
+fn letterbox_time_on_a_photo() {
     // A 1600x1200 (1.9 MP) photo-like gradient into 640x640.
     let img = RgbImage::from_fn(1600, 1200, |x, y| {
         Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 251) as u8])
@@ -120,8 +123,6 @@ fn letterbox_is_fast_on_a_photo() {
     }
     let per_call = start.elapsed() / runs;
     println!("letterbox 1600x1200 -> 640x640: {per_call:?} per image");
-    // Generous: CI machines are slow and tests build with opt-level 1.
-    assert!(per_call.as_millis() < 250, "letterbox took {per_call:?}");
 }
 
 /// The "generated" raw output: the same integer formula as the fixture
