@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Fovea against PyTorch eager and ONNX Runtime, same models, same machine, same run.
 
-For ResNet-50 (torchvision) and EfficientNet-B0 (timm) with seeded random weights
-(speed does not depend on the values), this script
-  1. saves the weights as safetensors in their original key names,
+For ResNet-50 (torchvision), EfficientNet-B0 (timm) and YOLOv8n/s (Ultralytics,
+batch norm fused into the convolutions as Ultralytics' predictor does) with seeded
+random weights (speed does not depend on the values), this script
+  1. saves the weights as safetensors in their original key names (YOLO: an
+     Ultralytics-style .pt checkpoint, converted with `fovea import`),
   2. times PyTorch eager and ONNX Runtime (CPU, the same thread count) at batch 1 and 8,
   3. times `fovea bench --model ARCH:weights.safetensors` at batch 1 and 8,
   4. optionally (--http) serves the ResNet-50 with `fovea serve` and measures end-to-end
@@ -12,7 +14,8 @@ and prints images/s with the ratios Fovea / PyTorch and Fovea / ONNX Runtime.
 
 Usage:
     python server/bench/compare.py --fovea target/release/fovea [--seconds 10] [--threads 2] [--http]
-Needs: torch, torchvision, timm, onnxruntime, onnx, safetensors, pillow (see README).
+        [--models resnet50,efficientnet_b0,yolov8n,yolov8s]
+Needs: torch, torchvision, timm, ultralytics, onnxruntime, onnx, safetensors, pillow (see README).
 """
 
 from __future__ import annotations
@@ -33,15 +36,57 @@ from safetensors.torch import save_file
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class YoloRaw(torch.nn.Module):
+    """Ultralytics' DetectionModel returns (output, features) in eval mode: keep the output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        y = self.model(x)
+        return y[0] if isinstance(y, (list, tuple)) else y
+
+
 def build(name: str):
+    """(model, fovea arch prefix, input side)."""
     torch.manual_seed(0)
+    if name.startswith("yolov8"):
+        from ultralytics.nn.tasks import DetectionModel
+
+        model = DetectionModel(f"{name}.yaml", nc=80, verbose=False).eval()
+        return model, "yolo", 640
     if name == "resnet50":
         import torchvision
 
-        return torchvision.models.resnet50(weights=None).eval(), "resnet50"
+        return torchvision.models.resnet50(weights=None).eval(), "resnet50", 224
     import timm
 
-    return timm.create_model("efficientnet_b0", pretrained=False).eval(), "efficientnet_b0"
+    return timm.create_model("efficientnet_b0", pretrained=False).eval(), "efficientnet_b0", 224
+
+
+def save_for_fovea(fovea, model, arch, name, tmp):
+    """The weights as Fovea loads them: safetensors in the original key names; for YOLO,
+    an Ultralytics checkpoint (a pickled module, fp16, as Ultralytics saves it) imported
+    with `fovea import`."""
+    if arch != "yolo":
+        weights = os.path.join(tmp, f"{name}.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+        return f"{arch}:{weights}"
+    import copy
+
+    pt = os.path.join(tmp, f"{name}.pt")
+    torch.save({"model": copy.deepcopy(model).half(), "epoch": -1, "date": None}, pt)
+    weights = os.path.join(tmp, f"{name}.safetensors")
+    subprocess.run([fovea, "import", pt, weights], check=True, capture_output=True)
+    return weights
+
+
+def prepare_torch(model, arch):
+    """What runs in PyTorch: YOLO fused (Conv+BN) as Ultralytics' predictor runs it."""
+    if arch == "yolo":
+        return YoloRaw(model.fuse(verbose=False)).eval()
+    return model
 
 
 def timed(fn, seconds: float, min_runs: int = 3) -> float:
@@ -60,20 +105,20 @@ def timed(fn, seconds: float, min_runs: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_torch(model, batches, seconds):
+def bench_torch(model, batches, seconds, size):
     out = {}
     with torch.inference_mode():
         for b in batches:
-            x = torch.rand(b, 3, 224, 224)
+            x = torch.rand(b, 3, size, size)
             out[b] = b / timed(lambda: model(x), seconds)
     return out
 
 
-def bench_ort(model, batches, seconds, threads, tmp, name):
+def bench_ort(model, batches, seconds, threads, tmp, name, size):
     import onnxruntime as ort
 
     path = os.path.join(tmp, f"{name}.onnx")
-    torch.onnx.export(model, (torch.rand(1, 3, 224, 224),), path, input_names=["x"], output_names=["y"],
+    torch.onnx.export(model, (torch.rand(1, 3, size, size),), path, input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -81,7 +126,7 @@ def bench_ort(model, batches, seconds, threads, tmp, name):
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     out = {}
     for b in batches:
-        x = torch.rand(b, 3, 224, 224).numpy()
+        x = torch.rand(b, 3, size, size).numpy()
         out[b] = b / timed(lambda: sess.run(None, {"x": x}), seconds)
     return out
 
@@ -100,7 +145,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_http(fovea, spec, seconds, threads, tmp):
+def bench_http(fovea, spec, seconds, threads, tmp, route):
     from PIL import Image
 
     jpeg = os.path.join(tmp, "coffee.jpg")
@@ -121,7 +166,7 @@ def bench_http(fovea, spec, seconds, threads, tmp):
                 time.sleep(0.1)
         rows = {}
         for conc in (1, 8):
-            out = subprocess.run([fovea, "bench", "--http", f"http://127.0.0.1:{port}/v1/classify", "--image", jpeg,
+            out = subprocess.run([fovea, "bench", "--http", f"http://127.0.0.1:{port}{route}", "--image", jpeg,
                                   "--concurrency", str(conc), "--seconds", str(seconds), "--json"],
                                  check=True, capture_output=True, text=True).stdout
             rows[conc] = json.loads(out)
@@ -138,7 +183,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="resnet50,efficientnet_b0")
     ap.add_argument("--no-onnx", action="store_true")
-    ap.add_argument("--http", action="store_true", help="also measure end-to-end HTTP throughput (ResNet-50)")
+    ap.add_argument("--http", action="store_true",
+                    help="also measure end-to-end HTTP throughput (ResNet-50 classify, YOLOv8n detect)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,16 +192,17 @@ def main():
     results = {"threads": args.threads, "torch": torch.__version__, "models": {}}
     with tempfile.TemporaryDirectory(prefix="fovea_bench_") as tmp:
         for name in args.models.split(","):
-            model, arch = build(name)
-            weights = os.path.join(tmp, f"{name}.safetensors")
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-            row = {"torch": bench_torch(model, batches, args.seconds)}
+            model, arch, size = build(name)
+            spec = save_for_fovea(args.fovea, model, arch, name, tmp)
+            model = prepare_torch(model, arch)
+            row = {"torch": bench_torch(model, batches, args.seconds, size)}
             if not args.no_onnx:
-                row["onnxruntime"] = bench_ort(model, batches, args.seconds, args.threads, tmp, name)
-            row["fovea"] = bench_fovea(args.fovea, f"{arch}:{weights}", batches, args.seconds, args.threads)
+                row["onnxruntime"] = bench_ort(model, batches, args.seconds, args.threads, tmp, name, size)
+            row["fovea"] = bench_fovea(args.fovea, spec, batches, args.seconds, args.threads)
             results["models"][name] = row
-            if args.http and name == "resnet50":
-                results["http_resnet50"] = bench_http(args.fovea, f"{arch}:{weights}", args.seconds, args.threads, tmp)
+            if args.http and name in ("resnet50", "yolov8n"):
+                route = "/v1/detect" if arch == "yolo" else "/v1/classify"
+                results[f"http_{name}"] = bench_http(args.fovea, spec, args.seconds, args.threads, tmp, route)
 
     print(f"\nimages/s, float32, {args.threads} threads (higher is better); ratio = Fovea / other")
     print(f"{'model':16s} {'batch':>5s} {'Fovea':>8s} {'PyTorch':>8s} {'ORT':>8s} {'/PyTorch':>9s} {'/ORT':>6s}")
@@ -166,9 +213,12 @@ def main():
             ort_s = f"{o:8.2f}" if o else f"{'-':>8s}"
             ratio_o = f"{f / o:6.2f}" if o else f"{'-':>6s}"
             print(f"{name:16s} {b:5d} {f:8.2f} {t:8.2f} {ort_s} {f / t:9.2f} {ratio_o}")
-    if "http_resnet50" in results:
-        print("\nend to end, ResNet-50, 600x400 JPEG per request, POST /v1/classify:")
-        for conc, r in results["http_resnet50"].items():
+    for name in ("resnet50", "yolov8n"):
+        if f"http_{name}" not in results:
+            continue
+        route = "/v1/detect" if name.startswith("yolo") else "/v1/classify"
+        print(f"\nend to end, {name}, 600x400 JPEG per request, POST {route}:")
+        for conc, r in results[f"http_{name}"].items():
             lat = r["latency_ms"]
             print(f"  concurrency {conc}: {r['images_per_s']:.2f} img/s, p50 {lat['p50']:.0f} ms, "
                   f"p99 {lat['p99']:.0f} ms ({r['requests_failed']} failed)")
