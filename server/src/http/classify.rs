@@ -12,11 +12,15 @@ use fovea_model_core::topk::softmax_topk;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::infer::{infer, read_request};
+use super::infer::{infer, read_request, Route};
 use super::AppState;
 use crate::network::Task;
 
-const ROUTE: &str = "/v1/classify";
+const ROUTE: Route = Route {
+    path: "/v1/classify",
+    task: Task::Classification,
+    options: OPTIONS,
+};
 const OPTIONS: &[&str] = &["model", "top_k", "timeout_ms"];
 const DEFAULT_TOP_K: u64 = 5;
 
@@ -32,11 +36,11 @@ pub async fn classify(
     let (status, response) = match result {
         Ok(response) => (StatusCode::OK, response.into_response()),
         Err(e) => {
-            tracing::info!(route = ROUTE, status = e.status.as_u16(), code = e.code, error = %e.message, "request refused");
+            tracing::info!(route = ROUTE.path, status = e.status.as_u16(), code = e.code, error = %e.message, "request refused");
             (e.status, e.into_response())
         }
     };
-    state.record(&model_label, ROUTE, status, started);
+    state.record(&model_label, ROUTE.path, status, started);
     response
 }
 
@@ -48,17 +52,7 @@ async fn handle(
     started: Instant,
     model_label: &mut String,
 ) -> Result<Json<Value>, ApiError> {
-    let request = read_request(
-        state,
-        uri,
-        &headers,
-        body,
-        Task::Classification,
-        OPTIONS,
-        started,
-        model_label,
-    )
-    .await?;
+    let request = read_request(state, &ROUTE, uri, &headers, body, started, model_label).await?;
     let model = request.model.clone();
     let top_k = request
         .options
@@ -85,7 +79,7 @@ async fn handle(
         .collect();
 
     tracing::info!(
-        route = ROUTE,
+        route = ROUTE.path,
         model = %model.name,
         images = count,
         batch_size = timing.batch_sizes.iter().max().copied().unwrap_or(0),

@@ -14,12 +14,16 @@ use fovea_model_core::render::{encode_jpeg, render};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::infer::{infer, read_request, ImageResult};
+use super::infer::{infer, read_request, ImageResult, Route};
 use super::AppState;
 use crate::network::Task;
 use crate::postprocess::{class_filter, detect, detection_json};
 
-const ROUTE: &str = "/v1/detect";
+const ROUTE: Route = Route {
+    path: "/v1/detect",
+    task: Task::Detection,
+    options: OPTIONS,
+};
 const OPTIONS: &[&str] = &[
     "model",
     "confidence",
@@ -48,11 +52,11 @@ pub async fn detect_route(
     let status = match &result {
         Ok(_) => StatusCode::OK,
         Err(e) => {
-            tracing::info!(route = ROUTE, status = e.status.as_u16(), code = e.code, error = %e.message, "request refused");
+            tracing::info!(route = ROUTE.path, status = e.status.as_u16(), code = e.code, error = %e.message, "request refused");
             e.status
         }
     };
-    state.record(&model_label, ROUTE, status, started);
+    state.record(&model_label, ROUTE.path, status, started);
     match result {
         Ok(response) => response,
         Err(e) => e.into_response(),
@@ -79,17 +83,7 @@ async fn handle(
     started: Instant,
     model_label: &mut String,
 ) -> Result<Response, ApiError> {
-    let request = read_request(
-        state,
-        uri,
-        &headers,
-        body,
-        Task::Detection,
-        OPTIONS,
-        started,
-        model_label,
-    )
-    .await?;
+    let request = read_request(state, &ROUTE, uri, &headers, body, started, model_label).await?;
     let model = request.model.clone();
     let options = &request.options;
     let classes = match options.list("classes")? {
@@ -169,7 +163,7 @@ async fn handle(
     })?;
 
     tracing::info!(
-        route = ROUTE,
+        route = ROUTE.path,
         model = %model.name,
         images = count,
         batch_size = timing.batch_sizes.iter().max().copied().unwrap_or(0),

@@ -20,6 +20,13 @@ use crate::batcher::JobTiming;
 use crate::network::Task;
 use crate::registry::{LoadedModel, Lookup};
 
+/// What a route serves: its path (a metric label), task and options.
+pub struct Route {
+    pub path: &'static str,
+    pub task: Task,
+    pub options: &'static [&'static str],
+}
+
 /// A request read and checked, its model chosen.
 pub struct Request {
     pub model: Arc<LoadedModel>,
@@ -28,14 +35,13 @@ pub struct Request {
     pub deadline: Instant,
 }
 
-/// Read the body, check the options against `known` and pick the model.
+/// Read the body, check the options against the route's and pick the model.
 pub async fn read_request(
     state: &Arc<AppState>,
+    route: &Route,
     uri: Uri,
     headers: &HeaderMap,
     body: Body,
-    task: Task,
-    known: &[&str],
     started: Instant,
     model_label: &mut String,
 ) -> Result<Request, ApiError> {
@@ -44,11 +50,11 @@ pub async fn read_request(
     let body = read_body(headers, body, state.limits.max_body_bytes).await?;
     let request = parse_request(headers, body, options).await?;
     let options = request.options;
-    options.check_known(known)?;
+    options.check_known(route.options)?;
 
     let name = options.string("model")?;
     let model = registry
-        .for_task(name.as_deref(), task)
+        .for_task(name.as_deref(), route.task)
         .map_err(|e| match e {
             Lookup::NotFound(name) => ApiError::model_not_found(&name),
             other => ApiError::invalid_option(other.to_string()),
