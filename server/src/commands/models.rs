@@ -30,8 +30,8 @@ pub fn models(args: ModelsArgs) -> anyhow::Result<()> {
     for m in &stored {
         let mf = &m.manifest;
         println!(
-            "  {:<24} {:<14} {:<24} {:>5} classes  {}",
-            mf.name, mf.family, mf.arch, mf.num_classes, mf.source.location
+            "  {:<24} {:<14} {:<14} {:<24} {:>5} classes  {}",
+            mf.name, mf.task, mf.family, mf.arch, mf.num_classes, mf.source.location
         );
     }
     println!("catalog (fovea pull NAME):");
@@ -42,8 +42,8 @@ pub fn models(args: ModelsArgs) -> anyhow::Result<()> {
             ""
         };
         println!(
-            "  {:<24} {:<14} {:<11} {:<7} {}",
-            e.name, e.family, e.license, pulled, e.description
+            "  {:<24} {:<14} {:<14} {:<11} {:<7} {}",
+            e.name, e.task, e.family, e.license, pulled, e.description
         );
     }
     Ok(())
