@@ -90,6 +90,74 @@ fn run_reproduces_the_pytorch_reference() {
     }
 }
 
+/// An Ultralytics checkpoint in, the raw detector output out: `fovea import`
+/// then `fovea run` reproduce Ultralytics' `model(x)[0]`.
+#[test]
+fn import_and_run_reproduce_ultralytics_yolov8() {
+    let tmp = tempfile_dir();
+    let dir = repo_root().join("model-core/tests/fixtures/models/yolov8_tiny");
+    let weights = tmp.join("yolov8_tiny.safetensors");
+    let result = fovea(
+        &[
+            "import",
+            dir.join("model.pt").to_str().unwrap(),
+            weights.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(String::from_utf8_lossy(&result.stdout).contains("pickled module"));
+
+    let golden = dir.join("golden.safetensors");
+    let out = tmp.join("yolov8_tiny.out.safetensors");
+    let result = fovea(
+        &[
+            "run",
+            "--model",
+            weights.to_str().unwrap(),
+            "--input",
+            golden.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let (shape, got) = read_f32(&out, "output");
+    let (ref_shape, want) = read_f32(&golden, "output");
+    assert_eq!(shape, ref_shape);
+    // Rows 0..4 are boxes in input pixels, the rest scores in 0..1: each
+    // within 1e-4 of its own scale.
+    let anchors = shape[2];
+    let rows = shape[0] * shape[1];
+    let (mut box_diff, mut box_scale, mut score_diff) = (0f32, 0f32, 0f32);
+    for r in 0..rows {
+        let is_box = r % shape[1] < 4;
+        for a in 0..anchors {
+            let (g, w) = (got[r * anchors + a], want[r * anchors + a]);
+            if is_box {
+                box_diff = box_diff.max((g - w).abs());
+                box_scale = box_scale.max(w.abs());
+            } else {
+                score_diff = score_diff.max((g - w).abs());
+            }
+        }
+    }
+    assert!(
+        box_diff <= 1e-4 * box_scale,
+        "boxes: {box_diff} of {box_scale}"
+    );
+    assert!(score_diff <= 1e-4, "scores: {score_diff}");
+}
+
 #[test]
 fn models_lists_the_catalog_and_pull_refuses_unknown_names() {
     let tmp = tempfile_dir();
