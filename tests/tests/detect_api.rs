@@ -191,18 +191,28 @@ fn options_filter_and_are_checked() {
     assert_eq!(few.len(), 3);
     assert_eq!(few, all[..3].to_vec(), "max_detections keeps the best");
 
-    // The class filter takes names or ids (the tiny model's names are
-    // `class_N` unless its checkpoint carries names).
+    // The class filter takes ids or names; the names are the checkpoint's
+    // own (Ultralytics names a fresh model's classes `class0`, ...; Fovea's
+    // fallback would be `class_0`).
     let first_class = all[0].0;
-    let only = boxes(
-        &detect(
-            &server,
-            &format!("confidence=0.3&classes={first_class}"),
-            "chelsea.png",
-        )["results"][0],
+    let by_id = detect(
+        &server,
+        &format!("confidence=0.3&classes={first_class}"),
+        "chelsea.png",
     );
+    let only = boxes(&by_id["results"][0]);
     assert!(!only.is_empty());
     assert!(only.iter().all(|d| d.0 == first_class));
+    assert_eq!(
+        by_id["results"][0]["detections"][0]["label"],
+        format!("class{first_class}")
+    );
+    let by_name = detect(
+        &server,
+        &format!("confidence=0.3&classes=class{first_class}"),
+        "chelsea.png",
+    );
+    assert_eq!(boxes(&by_name["results"][0]), only);
 
     // A looser IoU keeps at least as many boxes; agnostic NMS at most as many.
     let loose = boxes(&detect(&server, "confidence=0.3&iou=0.9", "chelsea.png")["results"][0]);
