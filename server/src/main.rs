@@ -28,6 +28,9 @@ fn main() -> ExitCode {
         _ => "text".into(),
     };
     init_logging(&log_format);
+    if !matches!(cli.command, cli::Command::Serve(_) | cli::Command::Bench(_)) {
+        die_quietly_on_closed_pipe();
+    }
     match commands::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -44,6 +47,18 @@ fn main() -> ExitCode {
 fn fast_candle_defaults() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+/// `fovea detect ... | head` should stop when `head` does, not panic in
+/// `println!`: Rust ignores SIGPIPE, so restore its default for the one-shot
+/// commands. Never for the server, where a client's closed socket must not
+/// kill the process.
+fn die_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called before any thread is started; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
