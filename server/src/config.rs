@@ -350,6 +350,10 @@ mod tests {
             [[models]]
             name = "b"
             spec = "resnet50:/m/r.safetensors"
+            [[models]]
+            name = "yolo"
+            spec = "yolov5s"
+            input_size = 320
             "#,
         )
         .unwrap();
@@ -360,7 +364,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.http_addr.port(), 7000);
         assert_eq!(c.dtype, "f16");
-        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models.len(), 3);
+        assert_eq!(c.models[2].input_size, Some(320));
+        assert_eq!(c.models[0].input_size, None);
         let a = &c.models[0].batching;
         assert_eq!(a.max_batch_size, 16, "flag over file");
         assert_eq!(a.queue_capacity, 100, "file over default");

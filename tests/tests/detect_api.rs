@@ -425,3 +425,41 @@ fn detect_command_prints_json_and_saves_drawings() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("classification"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_letterbox_size_is_configurable() {
+    let dir = std::env::temp_dir().join(format!("fovea-detect-size-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("fovea.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[models]]\nname = \"small\"\nspec = {:?}\ninput_size = 320\n",
+            tiny_detector()
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let model: Value = client()
+        .get(server.url("/v1/models/small"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(model["input_size"], serde_json::json!([320, 320]));
+    let answer = detect(&server, LOW, "motorcycle_left.png");
+    assert_eq!(answer["results"][0]["width"], 741);
+    assert!(!boxes(&answer["results"][0]).is_empty());
+
+    // Not a multiple of 32: refused before anything runs.
+    let out = Command::new(fovea_bin())
+        .args(["detect", "--model", &tiny_detector(), "--size", "100"])
+        .arg(image("coffee.png"))
+        .env("FOVEA_HOME", shared_home())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("32"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
