@@ -63,16 +63,32 @@ pub async fn detect_route(
     }
 }
 
-/// Does the client want a picture back?
+/// Does the client want a picture back? Yes when the Accept header ranks
+/// `image/jpeg` (or `image/*`) above JSON: by q-value, JSON winning ties and
+/// `*/*` counting as JSON, the default answer.
 fn wants_image(headers: &HeaderMap) -> bool {
-    headers
+    let mut image_q: f32 = 0.0;
+    let mut json_q: f32 = 0.0;
+    for item in headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|v| v.split(';').next().unwrap_or("").trim())
-        .next()
-        .is_some_and(|first| first.eq_ignore_ascii_case("image/jpeg"))
+    {
+        let mut parts = item.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0)
+            .clamp(0.0, 1.0);
+        match media.as_str() {
+            "image/jpeg" | "image/*" => image_q = image_q.max(q),
+            "application/json" | "application/*" | "*/*" => json_q = json_q.max(q),
+            _ => {}
+        }
+    }
+    image_q > json_q
 }
 
 async fn handle(
@@ -212,10 +228,15 @@ mod tests {
             wants_image(&h)
         };
         assert!(with("image/jpeg"));
+        assert!(with("image/*"));
         assert!(with("image/jpeg;q=0.9, application/json;q=0.5"));
+        assert!(with("application/json;q=0.5, image/jpeg"));
+        assert!(with("image/jpeg, */*;q=0.8"));
         assert!(!with("application/json"));
         assert!(!with("*/*"));
-        assert!(!with("application/json, image/jpeg"));
+        assert!(!with("image/png"));
+        assert!(!with("application/json, image/jpeg"), "JSON wins ties");
+        assert!(!with("image/jpeg;q=0, */*"));
         assert!(!wants_image(&HeaderMap::new()));
     }
 }
