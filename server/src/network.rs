@@ -95,9 +95,10 @@ impl Network {
     }
 }
 
-/// How an image becomes a model input.
+/// How an image becomes a model input (in `/v1/models` as the settings
+/// plus `"kind": "classify"` or `"letterbox"`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum InputPipeline {
     /// Resize, crop and normalise (classifiers).
     Classify(Preprocess),
@@ -353,6 +354,20 @@ mod tests {
         assert_eq!(parse_names(r#"{"0": "a", "2": "c"}"#), None);
         assert_eq!(parse_names(r#"[1, 2]"#), None);
         assert_eq!(parse_names("not json"), None);
+    }
+
+    #[test]
+    fn pipelines_describe_themselves() {
+        let letterbox =
+            serde_json::to_value(InputPipeline::Letterbox(Letterbox::new(640))).unwrap();
+        assert_eq!(letterbox["kind"], "letterbox");
+        assert_eq!(letterbox["height"], 640);
+        assert_eq!(letterbox["pad_value"], 114);
+        let classify =
+            serde_json::to_value(InputPipeline::Classify(Preprocess::torchvision_imagenet()))
+                .unwrap();
+        assert_eq!(classify["kind"], "classify");
+        assert!(classify["mean"].is_array());
     }
 
     #[test]
