@@ -12,16 +12,17 @@ use crate::efficientnet::{
 use crate::layers::Placement;
 pub use crate::model_error::ModelError;
 use crate::resnet::{self, ResNet, ResNetConfig};
+use crate::vit::{self, Vit, VitConfig, VitLayout};
 use crate::weight_map::{Shapes, WeightMap};
 
 /// What the weights are, before anything is loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DetectedArch {
-    /// `resnet` or `efficientnet`.
+    /// `resnet`, `efficientnet` or `vit`.
     pub family: &'static str,
     /// `resnet50`, `tf_efficientnet_lite0`, `efficientnet_b-custom`, ...
     pub variant: String,
-    /// `torchvision/timm`, `timm` or `lukemelas`.
+    /// `torchvision/timm`, `timm`, `lukemelas` or `huggingface`.
     pub layout: &'static str,
     pub num_classes: usize,
 }
@@ -44,11 +45,13 @@ pub struct ClassifierInfo {
 enum Requested {
     ResNet(String),
     EfficientNet(ArchName),
+    Vit(String),
 }
 
 /// The architecture names `load` accepts (besides `-` for `_` and timm tags).
 pub const KNOWN_ARCHS: &str = "resnet18, resnet34, resnet50, resnet101, resnet152, \
-     efficientnet_b0..b7, tf_efficientnet_b0..b7, efficientnet_lite0..4, tf_efficientnet_lite0..4";
+     efficientnet_b0..b7, tf_efficientnet_b0..b7, efficientnet_lite0..4, tf_efficientnet_lite0..4, \
+     vit_{tiny,small,base,large}_patch{16,32}_{224,384}";
 
 /// Lower case, `-` as `_`, without a `timm/` prefix or a `.tag` suffix
 /// (`timm/resnet50.a1_in1k` -> `resnet50`, `efficientnet-lite0` -> `efficientnet_lite0`).
@@ -64,6 +67,8 @@ fn parse_arch(name: &str) -> Result<Requested, ModelError> {
         Ok(Requested::ResNet(norm))
     } else if let Some(a) = ArchName::parse(&norm) {
         Ok(Requested::EfficientNet(a))
+    } else if vit::is_known_name(&norm) {
+        Ok(Requested::Vit(norm))
     } else {
         Err(ModelError::UnknownArch {
             name: name.to_string(),
@@ -76,6 +81,7 @@ fn parse_arch(name: &str) -> Result<Requested, ModelError> {
 enum Plan {
     ResNet(ResNetConfig, String),
     EfficientNet(EfficientNetConfig, Conventions, String),
+    Vit(VitConfig, String),
 }
 
 impl Plan {
@@ -94,14 +100,32 @@ impl Plan {
                     }
                     name
                 }
-                Some(Requested::EfficientNet(_)) => return Err(mismatch(arch, "a ResNet")),
+                Some(Requested::EfficientNet(_) | Requested::Vit(_)) => {
+                    return Err(mismatch(arch, "a ResNet"))
+                }
             };
             return Ok(Self::ResNet(config, variant));
+        }
+        if let Some(layout) = VitLayout::detect(shapes) {
+            let name = match &requested {
+                None => None,
+                Some(Requested::Vit(name)) => Some(name.as_str()),
+                Some(_) => return Err(mismatch(arch, "a ViT")),
+            };
+            let config = VitConfig::detect(shapes, layout, name)?;
+            let detected = config.variant();
+            let variant = match name {
+                // A custom size takes the name it was given (which set its heads).
+                Some(name) if detected == "vit-custom" => name.to_string(),
+                _ => detected,
+            };
+            return Ok(Self::Vit(config, variant));
         }
         let Some(layout) = EffLayout::detect(shapes) else {
             return Err(ModelError::unknown_layout(
                 "expected a torchvision/timm ResNet (`layer1.0.conv1.weight`, `fc.weight`), a timm EfficientNet \
-                 (`conv_stem.weight`, `blocks.0.0.*`) or a lukemelas EfficientNet (`_conv_stem.weight`, `_blocks.0.*`)",
+                 (`conv_stem.weight`, `blocks.0.0.*`), a lukemelas EfficientNet (`_conv_stem.weight`, `_blocks.0.*`) \
+             or a Hugging Face / timm ViT (`vit.embeddings.*` / `patch_embed.proj.weight`, `blocks.0.attn.*`)",
                 shapes,
             ));
         };
@@ -123,7 +147,9 @@ impl Plan {
                 }
                 (tf, name.kind, canonical)
             }
-            Some(Requested::ResNet(_)) => return Err(mismatch(arch, "an EfficientNet")),
+            Some(Requested::ResNet(_) | Requested::Vit(_)) => {
+                return Err(mismatch(arch, "an EfficientNet"))
+            }
         };
         Ok(Self::EfficientNet(
             config,
@@ -137,6 +163,7 @@ impl Plan {
         match self {
             Self::ResNet(_, v) => format!("{} resnet ({v})", resnet::LAYOUT),
             Self::EfficientNet(c, _, v) => format!("{} efficientnet ({v})", c.layout.name()),
+            Self::Vit(c, v) => format!("{} vit ({v})", c.layout.name()),
         }
     }
 
@@ -154,6 +181,12 @@ impl Plan {
                 layout: c.layout.name(),
                 num_classes: c.num_classes,
             },
+            Self::Vit(c, v) => DetectedArch {
+                family: "vit",
+                variant: v.clone(),
+                layout: c.layout.name(),
+                num_classes: c.num_classes,
+            },
         }
     }
 
@@ -164,6 +197,7 @@ impl Plan {
                 let number = ArchName::parse(v).map(|a| a.number);
                 efficientnet::input_size(c.kind(), number)
             }
+            Self::Vit(c, _) => c.input_size(),
         }
     }
 }
@@ -188,6 +222,7 @@ pub fn detect_architecture(
 enum Inner {
     ResNet(ResNet),
     EfficientNet(EfficientNet),
+    Vit(Vit),
 }
 
 /// A loaded image classifier on a device.
@@ -221,6 +256,7 @@ impl Classifier {
             Plan::EfficientNet(config, conv, _) => {
                 Inner::EfficientNet(EfficientNet::load(&wm, config, conv, &placement)?)
             }
+            Plan::Vit(config, _) => Inner::Vit(Vit::load(&wm, config, &placement)?),
         };
         wm.finish(&layout)?;
         Ok(Self {
@@ -253,6 +289,7 @@ impl Classifier {
         match &self.inner {
             Inner::ResNet(m) => m.forward(&x),
             Inner::EfficientNet(m) => m.forward(&x),
+            Inner::Vit(m) => m.forward(&x),
         }
     }
 

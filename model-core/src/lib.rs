@@ -14,5 +14,6 @@ pub mod preprocess;
 pub mod render;
 pub mod resnet;
 pub mod topk;
+pub mod vit;
 pub mod weight_map;
 pub mod yolo;
