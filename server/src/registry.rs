@@ -146,6 +146,9 @@ pub fn default_preprocess(info: &ClassifierInfo) -> Preprocess {
     const INCEPTION: [f32; 3] = [0.5, 0.5, 0.5];
     let size = info.default_input_size as u32;
     let lite = info.variant.contains("lite");
+    if info.family == "vit" {
+        return vit_preprocess(info.layout, size);
+    }
     if info.family != "efficientnet" {
         return Preprocess::torchvision_imagenet();
     }
@@ -170,6 +173,31 @@ pub fn default_preprocess(info: &ClassifierInfo) -> Preprocess {
         (IMAGENET_MEAN, IMAGENET_STD)
     };
     Preprocess::timm(size, crop_pct, Interpolation::Bicubic, mean, std)
+}
+
+/// ViT: transformers' `ViTImageProcessor` resizes to the model's size
+/// exactly (PIL bilinear, no crop); timm's configs resize the shorter side
+/// at crop_pct 0.9 (bicubic) and centre-crop, except at 384 where they
+/// "squash" (resize exactly, bicubic). Both normalise with mean/std 0.5.
+fn vit_preprocess(layout: &str, size: u32) -> Preprocess {
+    use fovea_model_core::preprocess::{Interpolation, Resize};
+    const HALF: [f32; 3] = [0.5; 3];
+    let exact = |interpolation| Preprocess {
+        resize: Resize::Exact {
+            width: size,
+            height: size,
+        },
+        interpolation,
+        crop: None,
+        scale: 1.0 / 255.0,
+        mean: HALF,
+        std: HALF,
+    };
+    match (layout, size) {
+        ("huggingface", _) => exact(Interpolation::Bilinear),
+        (_, 384) => exact(Interpolation::Bicubic),
+        _ => Preprocess::timm(size, 0.9, Interpolation::Bicubic, HALF, HALF),
+    }
 }
 
 /// A model being served.
@@ -424,6 +452,33 @@ mod tests {
         assert_eq!(b3.input_size(), (300, 300));
         let lite4 = default_preprocess(&info("efficientnet", "tf_efficientnet_lite4", "timm", 300));
         assert_eq!(lite4.mean, [0.5; 3]);
+        // ViT: per layout.
+        use fovea_model_core::preprocess::{Interpolation, Resize};
+        let hf = default_preprocess(&info("vit", "vit_base_patch16_224", "huggingface", 224));
+        assert_eq!(
+            (hf.resize, hf.interpolation, hf.crop),
+            (
+                Resize::Exact {
+                    width: 224,
+                    height: 224
+                },
+                Interpolation::Bilinear,
+                None
+            )
+        );
+        assert_eq!(
+            (hf.mean, hf.std, hf.scale),
+            ([0.5; 3], [0.5; 3], 1.0 / 255.0)
+        );
+        let timm = default_preprocess(&info("vit", "vit_base_patch16_224", "timm", 224));
+        assert_eq!(
+            timm,
+            Preprocess::timm(224, 0.9, Interpolation::Bicubic, [0.5; 3], [0.5; 3])
+        );
+        assert_eq!(timm.resize, Resize::ShorterSide(248));
+        let timm384 = default_preprocess(&info("vit", "vit_base_patch16_384", "timm", 384));
+        assert_eq!(timm384.input_size(), (384, 384));
+        assert_eq!(timm384.crop, None);
     }
 
     #[test]
