@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use fovea_model_core::image_input::{decode_image, DecodeLimits, DecodedImage, ImageInputError};
-use fovea_model_core::preprocess::{Interpolation, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
+use fovea_model_core::preprocess::{
+    Interpolation, Preprocess, Resize, IMAGENET_MEAN, IMAGENET_STD,
+};
 use image::ImageFormat;
 
 fn fixtures() -> PathBuf {
@@ -55,7 +57,8 @@ fn level_differences(p: &Preprocess, ours: &[f32], reference: &[u8]) -> (f64, f6
     (sum / reference.len() as f64, max)
 }
 
-fn pipelines() -> [(&'static str, Preprocess); 3] {
+fn pipelines() -> [(&'static str, Preprocess); 5] {
+    const HALF: [f32; 3] = [0.5; 3];
     [
         ("torchvision_resnet50", Preprocess::torchvision_imagenet()),
         (
@@ -69,6 +72,26 @@ fn pipelines() -> [(&'static str, Preprocess); 3] {
             ),
         ),
         ("efficientnet_lite0", Preprocess::efficientnet_lite(224)),
+        // What the server picks for a Hugging Face ViT: ViTImageProcessor.
+        (
+            "hf_vit",
+            Preprocess {
+                resize: Resize::Exact {
+                    width: 224,
+                    height: 224,
+                },
+                interpolation: Interpolation::Bilinear,
+                crop: None,
+                scale: 1.0 / 255.0,
+                mean: HALF,
+                std: HALF,
+            },
+        ),
+        // timm's vit_base_patch16_224 eval transform.
+        (
+            "timm_vit",
+            Preprocess::timm(224, 0.9, Interpolation::Bicubic, HALF, HALF),
+        ),
     ]
 }
 
