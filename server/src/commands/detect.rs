@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use fovea_model_core::detection::DetectOptions;
 use fovea_model_core::image_input::{decode_image, DecodeLimits};
 use fovea_model_core::render::{encode_jpeg, render};
@@ -25,9 +25,6 @@ pub fn detect(args: DetectArgs) -> anyhow::Result<()> {
         Some(Task::Detection),
         &overrides,
     )?;
-    if !(0.0..=1.0).contains(&args.confidence) || !(0.0..=1.0).contains(&args.iou) {
-        bail!("--confidence and --iou must be between 0 and 1");
-    }
     let classes = if args.classes.is_empty() {
         None
     } else {
@@ -40,6 +37,7 @@ pub fn detect(args: DetectArgs) -> anyhow::Result<()> {
         classes,
         agnostic: args.agnostic,
     };
+    options.validate().map_err(anyhow::Error::msg)?;
 
     let runner = model.runner();
     let num_classes = model.network.num_classes();

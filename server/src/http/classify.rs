@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use fovea_model_core::topk::softmax_topk;
@@ -33,15 +33,12 @@ pub async fn classify(
     let started = Instant::now();
     let mut model_label = "unknown".to_string();
     let result = handle(&state, uri, headers, body, started, &mut model_label).await;
-    let (status, response) = match result {
-        Ok(response) => (StatusCode::OK, response.into_response()),
-        Err(e) => {
-            tracing::info!(route = ROUTE.path, status = e.status.as_u16(), code = e.code, error = %e.message, "request refused");
-            (e.status, e.into_response())
-        }
-    };
-    state.record(&model_label, ROUTE.path, status, started);
-    response
+    ROUTE.answer(
+        &state,
+        &model_label,
+        started,
+        result.map(IntoResponse::into_response),
+    )
 }
 
 async fn handle(

@@ -49,18 +49,7 @@ pub async fn detect_route(
     let started = Instant::now();
     let mut model_label = "unknown".to_string();
     let result = handle(&state, uri, headers, body, started, &mut model_label).await;
-    let status = match &result {
-        Ok(_) => StatusCode::OK,
-        Err(e) => {
-            tracing::info!(route = ROUTE.path, status = e.status.as_u16(), code = e.code, error = %e.message, "request refused");
-            e.status
-        }
-    };
-    state.record(&model_label, ROUTE.path, status, started);
-    match result {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
+    ROUTE.answer(&state, &model_label, started, result)
 }
 
 /// Does the client want a picture back? Yes when the Accept header ranks

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use fovea_model_core::image_input::{decode_image, DecodeLimits};
 use fovea_model_core::letterbox::LetterboxTransform;
@@ -25,6 +26,28 @@ pub struct Route {
     pub path: &'static str,
     pub task: Task,
     pub options: &'static [&'static str],
+}
+
+impl Route {
+    /// The answer to a handled request: a refusal is logged, every answer
+    /// counted and timed under the route and model.
+    pub fn answer(
+        &self,
+        state: &AppState,
+        model_label: &str,
+        started: Instant,
+        result: Result<Response, ApiError>,
+    ) -> Response {
+        let (status, response) = match result {
+            Ok(response) => (StatusCode::OK, response),
+            Err(e) => {
+                tracing::info!(route = self.path, status = e.status.as_u16(), code = e.code, error = %e.message, "request refused");
+                (e.status, e.into_response())
+            }
+        };
+        state.record(model_label, self.path, status, started);
+        response
+    }
 }
 
 /// A request read and checked, its model chosen.
