@@ -2,6 +2,7 @@
 //! base64 images; options from the query string and the body.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap};
@@ -166,25 +167,53 @@ fn percent_decode(s: &str) -> String {
 
 /// Read the whole body, refusing more than `limit` bytes (413) before
 /// buffering it where the length is declared.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub async fn read_body(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let too_large =
         || ApiError::payload_too_large(format!("the request body is larger than {limit} bytes"));
-    if let Some(len) = headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > limit as u64 {
-            return Err(too_large());
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        drain(body).await;
+        return Err(too_large());
+    }
+    let mut buffer = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
+        if let Some(data) = frame.data_ref() {
+            if buffer.len() + data.len() > limit {
+                drain(body).await;
+                return Err(too_large());
+            }
+            buffer.extend_from_slice(data);
         }
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!(
-            "could not read the request body: {e}"
-        ))),
-    }
+    Ok(buffer.freeze())
+}
+
+/// How much of a refused body is still read and dropped, and for how long:
+/// a client that is still sending then gets the 413 rather than a
+/// connection reset in the middle of its upload (a lingering close).
+const DRAIN_BYTES: usize = 64 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+async fn drain(mut body: Body) {
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Split a body into images and options according to its Content-Type.
