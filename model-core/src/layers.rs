@@ -545,6 +545,30 @@ impl Module for Linear {
     }
 }
 
+/// A layer norm over the last dimension.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(wm: &WeightMap, prefix: &str, dim: usize, eps: f64, p: &Placement) -> Result<Self> {
+        Ok(Self {
+            weight: p.place(&wm.get(&format!("{prefix}.weight"), &[dim])?)?,
+            bias: p.place(&wm.get(&format!("{prefix}.bias"), &[dim])?)?,
+            eps: eps as f32,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
 /// Mean over the spatial dimensions: `[B, C, H, W]` -> `[B, C]`.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;

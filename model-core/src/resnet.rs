@@ -68,6 +68,15 @@ fn unreadable(what: &str, keys: &[String]) -> ModelError {
 impl ResNetConfig {
     /// Reads the architecture from the checkpoint's key names and shapes.
     pub fn detect(shapes: &Shapes) -> std::result::Result<Self, ModelError> {
+        let mut config = Self::detect_backbone(shapes)?;
+        config.num_classes = first_dim(shapes, &["fc.weight".into(), "fc.bias".into()], 0)
+            .ok_or_else(|| unreadable("class count", &["fc.weight".into(), "fc.bias".into()]))?;
+        Ok(config)
+    }
+
+    /// The stem and stages only (a detector's backbone has no `fc`);
+    /// `num_classes` is 0.
+    pub fn detect_backbone(shapes: &Shapes) -> std::result::Result<Self, ModelError> {
         let block = if shapes.contains_key("layer1.0.conv3.weight") {
             BlockKind::Bottleneck
         } else {
@@ -111,12 +120,11 @@ impl ResNetConfig {
                 )?,
             });
         }
-        let num_classes = width("class count", vec!["fc.weight".into(), "fc.bias".into()])?;
         Ok(Self {
             block,
             stem_width,
             stages,
-            num_classes,
+            num_classes: 0,
         })
     }
 
@@ -228,24 +236,47 @@ pub struct ResNet {
     config: ResNetConfig,
     stem: Conv2d,
     blocks: Vec<Block>,
-    fc: Linear,
+    /// The classifier; `None` for a backbone.
+    fc: Option<Linear>,
 }
 
 impl ResNet {
     /// Builds the network from the checkpoint; problems with individual keys
     /// are recorded in `wm` for its `finish`.
     pub fn load(wm: &WeightMap, config: ResNetConfig, p: &Placement) -> Result<Self> {
+        Self::load_at(wm, config, "", true, p)
+    }
+
+    /// The stem and stages under `prefix` (e.g. a detector's
+    /// `model.backbone.conv_encoder.model.`), without a classifier.
+    pub fn load_backbone(
+        wm: &WeightMap,
+        config: ResNetConfig,
+        prefix: &str,
+        p: &Placement,
+    ) -> Result<Self> {
+        Self::load_at(wm, config, prefix, false, p)
+    }
+
+    fn load_at(
+        wm: &WeightMap,
+        config: ResNetConfig,
+        prefix: &str,
+        with_fc: bool,
+        p: &Placement,
+    ) -> Result<Self> {
         let stem_spec = ConvSpec::new(3, config.stem_width, 7, 2);
-        let stem = Conv2d::load_bn(wm, "conv1", "bn1", stem_spec, BN_EPS, Activation::Relu, p)?;
+        let (conv1, bn1) = (format!("{prefix}conv1"), format!("{prefix}bn1"));
+        let stem = Conv2d::load_bn(wm, &conv1, &bn1, stem_spec, BN_EPS, Activation::Relu, p)?;
         let mut blocks = Vec::new();
         let mut in_ch = config.stem_width;
         for (s, stage) in config.stages.iter().enumerate() {
             for m in 0..stage.blocks {
                 let stride = if m == 0 { STAGE_STRIDES[s] } else { 1 };
-                let prefix = format!("layer{}.{m}", s + 1);
+                let block = format!("{prefix}layer{}.{m}", s + 1);
                 blocks.push(Block::load(
                     wm,
-                    &prefix,
+                    &block,
                     config.block,
                     in_ch,
                     stage,
@@ -255,13 +286,35 @@ impl ResNet {
                 in_ch = stage.out;
             }
         }
-        let fc = Linear::load(wm, "fc", in_ch, config.num_classes, p)?;
+        let fc = if with_fc {
+            Some(Linear::load(
+                wm,
+                &format!("{prefix}fc"),
+                in_ch,
+                config.num_classes,
+                p,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             stem,
             blocks,
             fc,
         })
+    }
+
+    /// The last stage's feature map, `[B, C, H/32, W/32]` (rounded up).
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.stem.forward(x)?;
+        // 3x3 max pool, stride 2, padding 1. The input is post-ReLU (>= 0),
+        // so zero padding gives the same maxima as PyTorch's -inf padding.
+        let mut x = pad2d(&x, (1, 1, 1, 1))?.max_pool2d_with_stride(3, 2)?;
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        Ok(x)
     }
 
     pub fn config(&self) -> &ResNetConfig {
@@ -272,13 +325,10 @@ impl ResNet {
 impl Module for ResNet {
     /// `[B, 3, H, W]` -> logits `[B, classes]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.stem.forward(x)?;
-        // 3x3 max pool, stride 2, padding 1. The input is post-ReLU (>= 0),
-        // so zero padding gives the same maxima as PyTorch's -inf padding.
-        let mut x = pad2d(&x, (1, 1, 1, 1))?.max_pool2d_with_stride(3, 2)?;
-        for block in &self.blocks {
-            x = block.forward(&x)?;
+        let features = self.features(x)?;
+        match &self.fc {
+            Some(fc) => fc.forward(&global_avg_pool(&features)?),
+            None => candle_core::bail!("a ResNet backbone has no classifier"),
         }
-        self.fc.forward(&global_avg_pool(&x)?)
     }
 }

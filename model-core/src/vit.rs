@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Module, Result, Tensor};
 
-use crate::layers::{Linear, Placement};
+use crate::layers::{LayerNorm, Linear, Placement};
 use crate::model_error::ModelError;
 use crate::weight_map::{child_indices, dim_of, Shapes, WeightMap};
 
@@ -291,30 +291,6 @@ impl VitConfig {
             Some(s) => format!("vit_{}_patch{}_{}", s.0, self.patch, self.input_size()),
             None => "vit-custom".to_string(),
         }
-    }
-}
-
-/// A layer norm over the last dimension.
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn load(wm: &WeightMap, prefix: &str, dim: usize, eps: f64, p: &Placement) -> Result<Self> {
-        Ok(Self {
-            weight: p.place(&wm.get(&format!("{prefix}.weight"), &[dim])?)?,
-            bias: p.place(&wm.get(&format!("{prefix}.bias"), &[dim])?)?,
-            eps: eps as f32,
-        })
-    }
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
