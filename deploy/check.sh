@@ -22,6 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
+export PYTHONDONTWRITEBYTECODE=1
 
 step() { printf '\n== deploy/check.sh: %s\n' "$*"; }
 die() { printf 'deploy/check.sh: FAILED: %s\n' "$*" >&2; exit 1; }
