@@ -108,7 +108,10 @@ build)
     cargo "${cargo_args[@]}"
     mkdir -p "$out"
     cp "$target_dir/$profile_dir/fovea" "$out/fovea"
-    "$out/fovea" --version
+    # A stub binary (stale dependency-layer outputs) would print nothing.
+    version="$("$out/fovea" --version)"
+    [[ "$version" == fovea\ * ]] || { echo "build.sh: $out/fovea --version printed '$version'" >&2; exit 1; }
+    echo "$version"
     ;;
 *)
     echo "build.sh: unknown command $command (plan, deps, build)" >&2
