@@ -33,7 +33,7 @@ pub enum Command {
     Run(RunArgs),
     /// Convert a PyTorch checkpoint (.pt/.pth) to safetensors, executing nothing.
     Import(ImportArgs),
-    /// Fetch a catalog model into the model store.
+    /// Fetch a model into the model store: a catalog name, hf:ORG/NAME[@REVISION] or a URL.
     Pull(PullArgs),
     /// List the model store and the catalog.
     Models(ModelsArgs),
@@ -185,13 +185,53 @@ pub struct ImportArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(after_long_help = PULL_HELP)]
 pub struct PullArgs {
-    /// Catalog name (see `fovea models`).
-    pub name: String,
+    /// What to pull: a catalog name (see `fovea models`), hf:ORG/NAME[@REVISION] (a Hugging
+    /// Face hub model) or an https:// URL of a checkpoint (with --sha256, or URL#sha256=HEX).
+    #[arg(value_name = "SOURCE")]
+    pub source: String,
+    /// Store the model under this name [default: the catalog name, the hub repository's name
+    /// (timm/resnet50.a1_in1k -> resnet50.a1_in1k) or the URL's file name without extension].
+    #[arg(long = "name", value_name = "NAME")]
+    pub store_as: Option<String>,
+    /// URL pulls: the sha256 the downloaded file must have.
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+    /// URL pulls: the architecture (resnet50, efficientnet_b0, vit_base_patch16_224, yolo, ...)
+    /// [default: recognised from the weights].
+    #[arg(long)]
+    pub arch: Option<String>,
     /// Model store directory.
     #[arg(long, env = "FOVEA_HOME")]
     pub home: Option<PathBuf>,
 }
+
+const PULL_HELP: &str = "\
+Examples:
+  fovea pull efficientnet-lite0
+  fovea pull hf:timm/resnet50.a1_in1k
+  fovea pull hf:google/vit-base-patch16-224@main --name vit-b16
+  fovea pull hf:facebook/detr-resnet-50
+  fovea pull https://example.org/weights/resnet50.pth --sha256 <64 hex digits>
+
+Hugging Face hub (hf:ORG/NAME[@REVISION], REVISION a branch, tag or commit, default main):
+  fetches config.json, model.safetensors (else pytorch_model.bin, imported without running
+  any pickled code) and preprocessor_config.json; the manifest records the labels (timm
+  label_names or id2label), the preprocessing when it maps exactly onto Fovea's transform
+  (timm pretrained_cfg, ViT-style image processors; else the server's default applies and
+  the pull says so), hf:ORG/NAME@COMMIT, the license and the sha256. Large files are
+  checked against the sha256 the hub announces and resumed where a download stopped.
+  HF_ENDPOINT       the hub [default: https://huggingface.co]
+  HF_TOKEN          bearer token for private or gated models (else the file HF_TOKEN_PATH
+                    or $HF_HOME/token); sent to the hub only, never to its storage hosts
+  HF_HUB_CACHE      the file cache, shared with Python's huggingface_hub
+                    [default: $HF_HOME/hub, else ~/.cache/huggingface/hub]
+  HF_HUB_OFFLINE=1  use the cache only
+
+URLs (https://, or http://): the download is resumed from $FOVEA_HOME/downloads when cut
+short, checked against --sha256 (or URL#sha256=HEX) before anything is imported, then
+stored (safetensors as is, PyTorch checkpoints imported).";
 
 #[derive(Debug, Args)]
 pub struct ModelsArgs {

@@ -3,10 +3,16 @@
 
 pub mod catalog;
 mod error;
+pub mod http;
+pub mod hub;
 pub mod pickle;
 pub mod pth;
 pub mod pull;
 pub mod safetensors_io;
 pub mod store;
+pub mod url;
+
+#[cfg(any(test, feature = "standin"))]
+pub mod standin;
 
 pub use error::WeightsError;

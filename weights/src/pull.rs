@@ -59,6 +59,8 @@ pub enum PullError {
         expected: String,
         actual: String,
     },
+    #[error("{url}: HTTP {status}")]
+    Http { url: String, status: u16 },
     #[error("{0}")]
     Other(String),
 }
@@ -72,7 +74,22 @@ impl From<crate::store::StoreError> for PullError {
 /// Steps reported to the caller, which may draw them as progress.
 #[derive(Clone, Debug)]
 pub enum PullStep<'a> {
-    Downloading { what: &'a str },
+    Downloading {
+        what: &'a str,
+    },
+    /// Bytes of the current download so far (and in all, when known).
+    Transferred {
+        done: u64,
+        total: Option<u64>,
+    },
+    /// A file was already in the cache.
+    Cached {
+        what: &'a str,
+    },
+    /// Something the user should know (a retry, defaults that apply, ...).
+    Note {
+        message: &'a str,
+    },
     Verifying,
     Importing,
     Storing,
@@ -457,13 +474,13 @@ fn below_top_folder(path: &[u8]) -> Option<&str> {
 
 /// The tensor shapes and `__metadata__` of a safetensors file, read from its
 /// header alone.
-struct Header {
-    shapes: HashMap<String, Vec<usize>>,
-    metadata: HashMap<String, String>,
+pub(crate) struct Header {
+    pub(crate) shapes: HashMap<String, Vec<usize>>,
+    pub(crate) metadata: HashMap<String, String>,
 }
 
 impl Header {
-    fn read(path: &Path) -> Result<Header, PullError> {
+    pub(crate) fn read(path: &Path) -> Result<Header, PullError> {
         let bad = |msg: String| PullError::Other(format!("{}: {msg}", path.display()));
         let mut file = fs::File::open(path).map_err(|e| bad(e.to_string()))?;
         let mut len = [0u8; 8];
@@ -511,7 +528,7 @@ fn classifier_width(header: &Header) -> Result<usize, PullError> {
 /// the checkpoint's `names` (a list, or a dict keyed 0..n, as Ultralytics
 /// stores them); the count is checked against the YOLOv5 head when there is
 /// one (`<head>.m.0.weight` has anchors x (5 + classes) rows).
-fn detector_facts(header: &Header) -> Result<(usize, Labels, Vec<u32>), PullError> {
+pub(crate) fn detector_facts(header: &Header) -> Result<(usize, Labels, Vec<u32>), PullError> {
     let names = header
         .metadata
         .get("names")
