@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use reqwest::blocking::{Client, Response};
-use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, LOCATION, RANGE};
+use reqwest::header::{
+    HeaderMap, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, LOCATION, RANGE,
+};
 use reqwest::{Method, StatusCode, Url};
 
 use crate::pull::{PullError, PullStep};
@@ -88,7 +90,11 @@ impl Http {
     }
 
     fn send(&self, method: Method, url: &Url, from: u64) -> reqwest::Result<Response> {
-        let mut request = self.client.request(method, url.clone());
+        // As huggingface_hub does: the sizes announced are of the bytes sent.
+        let mut request = self
+            .client
+            .request(method, url.clone())
+            .header(ACCEPT_ENCODING, "identity");
         if let Some((o, token)) = &self.auth {
             if *o == origin(url) {
                 request = request.header(AUTHORIZATION, format!("Bearer {token}"));
