@@ -4,6 +4,8 @@
 
 pub mod classifier;
 pub mod detection;
+pub mod detr_postprocess;
+pub mod detr_preprocess;
 pub mod efficientnet;
 pub mod image_input;
 pub mod labels;
