@@ -4,6 +4,7 @@
 
 pub mod classifier;
 pub mod detection;
+pub mod detr;
 pub mod detr_postprocess;
 pub mod detr_preprocess;
 pub mod efficientnet;

@@ -134,10 +134,11 @@ pub struct ClassifyArgs {
 pub struct DetectArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Lowest score kept.
-    #[arg(long, default_value_t = 0.25)]
-    pub confidence: f32,
-    /// IoU above which the lower-scored of two boxes of a class is dropped.
+    /// Lowest score kept [default: 0.25 for YOLO, 0.5 for DETR].
+    #[arg(long)]
+    pub confidence: Option<f32>,
+    /// IoU above which the lower-scored of two boxes of a class is dropped
+    /// (YOLO; DETR has no NMS).
     #[arg(long, default_value_t = 0.45)]
     pub iou: f32,
     /// Most detections per image.
@@ -149,9 +150,13 @@ pub struct DetectArgs {
     /// Suppress overlapping boxes across classes too.
     #[arg(long)]
     pub agnostic: bool,
-    /// Letterbox side (a multiple of 32) [default: the model's, 640].
+    /// YOLO: letterbox side (a multiple of 32) [default: the model's, 640].
+    /// DETR: the shorter side [default: 800].
     #[arg(long)]
     pub size: Option<u32>,
+    /// DETR: the longest the longer side may be [default: 1333].
+    #[arg(long)]
+    pub max_size: Option<u32>,
     /// Print JSON (as the HTTP API answers) instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -61,8 +61,11 @@ pub struct FileModel {
     pub batching: FileBatching,
     /// Replaces a classifier's preprocessing.
     pub preprocess: Option<Preprocess>,
-    /// A detector's letterbox side (a multiple of 32).
+    /// A YOLO detector's letterbox side (a multiple of 32); DETR's
+    /// shorter side.
     pub input_size: Option<u32>,
+    /// DETR's cap on the longer side.
+    pub max_input_size: Option<u32>,
 }
 
 /// Request limits.
@@ -81,6 +84,7 @@ pub struct ModelConfig {
     pub batching: BatchSettings,
     pub preprocess: Option<Preprocess>,
     pub input_size: Option<u32>,
+    pub max_input_size: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -186,6 +190,7 @@ impl ServeConfig {
                     batching: batching_for(&batching)?,
                     preprocess: from_file.and_then(|m| m.preprocess.clone()),
                     input_size: from_file.and_then(|m| m.input_size),
+                    max_input_size: from_file.and_then(|m| m.max_input_size),
                 });
             }
         } else if !file.models.is_empty() {
@@ -196,6 +201,7 @@ impl ServeConfig {
                     batching: batching_for(&m.batching)?,
                     preprocess: m.preprocess.clone(),
                     input_size: m.input_size,
+                    max_input_size: m.max_input_size,
                 });
             }
         } else {
@@ -206,6 +212,7 @@ impl ServeConfig {
                     batching: batching_for(&FileBatching::default())?,
                     preprocess: None,
                     input_size: None,
+                    max_input_size: None,
                 });
             }
         }

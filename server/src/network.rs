@@ -7,6 +7,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use fovea_model_core::classifier::Classifier;
+use fovea_model_core::detr::Detr;
+use fovea_model_core::detr_preprocess::DetrResize;
 use fovea_model_core::letterbox::{Letterbox, LetterboxTransform};
 use fovea_model_core::preprocess::Preprocess;
 use fovea_model_core::yolo::Yolo;
@@ -41,28 +43,53 @@ impl Task {
 pub enum Network {
     Classifier(Classifier),
     Yolo(Yolo),
+    Detr(Detr),
 }
 
 impl Network {
     pub fn task(&self) -> Task {
         match self {
             Network::Classifier(_) => Task::Classification,
-            Network::Yolo(_) => Task::Detection,
+            Network::Yolo(_) | Network::Detr(_) => Task::Detection,
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Network::Classifier(m) => m.forward(x),
-            Network::Yolo(m) => m.forward(x),
+    /// The raw outputs for preprocessed `pixel_values` `[B, 3, H, W]`, named
+    /// as [`Network::output_names`]. `pixel_mask` `[B, H, W]` is DETR's
+    /// (all image when not given); other models take none.
+    pub fn run(
+        &self,
+        pixel_values: &Tensor,
+        pixel_mask: Option<&Tensor>,
+    ) -> anyhow::Result<Vec<Tensor>> {
+        if pixel_mask.is_some() && !matches!(self, Network::Detr(_)) {
+            bail!("only DETR models take a pixel_mask");
         }
+        Ok(match self {
+            Network::Classifier(m) => vec![m.forward(pixel_values)?],
+            Network::Yolo(m) => vec![m.forward(pixel_values)?],
+            Network::Detr(m) => {
+                let (b, _, h, w) = pixel_values.dims4()?;
+                let ones;
+                let mask = match pixel_mask {
+                    Some(mask) => mask,
+                    None => {
+                        ones = Tensor::ones((b, h, w), DType::U8, &Device::Cpu)?;
+                        &ones
+                    }
+                };
+                let (logits, boxes) = m.forward(pixel_values, mask)?;
+                vec![logits, boxes]
+            }
+        })
     }
 
-    /// The name of the raw output, as `fovea run` writes it.
-    pub fn output_name(&self) -> &'static str {
+    /// The names of the raw outputs, as `fovea run` writes them.
+    pub fn output_names(&self) -> &'static [&'static str] {
         match self {
-            Network::Classifier(_) => "logits",
-            Network::Yolo(_) => "output",
+            Network::Classifier(_) => &["logits"],
+            Network::Yolo(_) => &["output"],
+            Network::Detr(_) => &["logits", "pred_boxes"],
         }
     }
 
@@ -70,6 +97,7 @@ impl Network {
         match self {
             Network::Classifier(m) => m.info().family,
             Network::Yolo(_) => "yolo",
+            Network::Detr(_) => "detr",
         }
     }
 
@@ -77,6 +105,7 @@ impl Network {
         match self {
             Network::Classifier(m) => m.info().variant.clone(),
             Network::Yolo(m) => m.info().variant.clone(),
+            Network::Detr(m) => m.info().variant.clone(),
         }
     }
 
@@ -84,6 +113,7 @@ impl Network {
         match self {
             Network::Classifier(m) => m.info().layout,
             Network::Yolo(_) => "ultralytics",
+            Network::Detr(_) => "huggingface",
         }
     }
 
@@ -91,8 +121,32 @@ impl Network {
         match self {
             Network::Classifier(m) => m.info().num_classes,
             Network::Yolo(m) => m.info().num_classes,
+            Network::Detr(m) => m.info().num_classes,
         }
     }
+
+    /// How the raw output of one image becomes detections (detectors only).
+    pub fn decoder(&self) -> Option<Decoder> {
+        match self {
+            Network::Classifier(_) => None,
+            Network::Yolo(m) => Some(Decoder::Yolo {
+                num_classes: m.info().num_classes,
+            }),
+            Network::Detr(m) => Some(Decoder::Detr {
+                num_queries: m.info().num_queries,
+            }),
+        }
+    }
+}
+
+/// A detector's raw output per image, as the batcher returns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decoder {
+    /// `[4 + classes, anchors]`, boxes in letterboxed pixels.
+    Yolo { num_classes: usize },
+    /// `logits` `[queries, classes + 1]` followed by `pred_boxes`
+    /// `[queries, 4]` (normalised cx, cy, w, h).
+    Detr { num_queries: usize },
 }
 
 /// How an image becomes a model input (in `/v1/models` as the settings
@@ -104,34 +158,87 @@ pub enum InputPipeline {
     Classify(Preprocess),
     /// Keep the aspect ratio, pad to a fixed size (YOLO).
     Letterbox(Letterbox),
+    /// Keep the aspect ratio at the image's own size (DETR).
+    Detr(DetrResize),
+}
+
+/// One preprocessed image: CHW values of `height x width`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInput {
+    pub values: Vec<f32>,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl ModelInput {
+    pub fn zeros(height: usize, width: usize) -> Self {
+        Self {
+            values: vec![0.0; 3 * height * width],
+            height,
+            width,
+        }
+    }
 }
 
 /// One image ready for the batcher, with what maps results back to it.
 pub struct Prepared {
-    pub values: Vec<f32>,
+    pub input: ModelInput,
     pub letterbox: Option<LetterboxTransform>,
 }
 
 impl InputPipeline {
-    /// (height, width) of the model input.
-    pub fn input_size(&self) -> (u32, u32) {
+    /// (height, width) of every model input, if the pipeline fixes it
+    /// (DETR's follows each image's aspect ratio).
+    pub fn fixed_input_size(&self) -> Option<(u32, u32)> {
         match self {
-            InputPipeline::Classify(p) => p.input_size(),
-            InputPipeline::Letterbox(l) => (l.height, l.width),
+            InputPipeline::Classify(p) => Some(p.input_size()),
+            InputPipeline::Letterbox(l) => Some((l.height, l.width)),
+            InputPipeline::Detr(_) => None,
+        }
+    }
+
+    /// (height, width) of a typical input: the fixed one, or for DETR that
+    /// of a 4:3 landscape photo (for warm-up and benchmarks).
+    pub fn nominal_input_size(&self) -> (u32, u32) {
+        match self {
+            InputPipeline::Detr(r) => r.output_size(3000, 4000).unwrap_or((800, 1066)),
+            other => other.fixed_input_size().unwrap_or((224, 224)),
         }
     }
 
     pub fn apply(&self, image: &RgbImage) -> anyhow::Result<Prepared> {
         Ok(match self {
-            InputPipeline::Classify(p) => Prepared {
-                values: p.apply(image)?,
-                letterbox: None,
-            },
+            InputPipeline::Classify(p) => {
+                let (h, w) = p.input_size();
+                Prepared {
+                    input: ModelInput {
+                        values: p.apply(image)?,
+                        height: h as usize,
+                        width: w as usize,
+                    },
+                    letterbox: None,
+                }
+            }
             InputPipeline::Letterbox(l) => {
                 let (values, transform) = l.apply(image);
                 Prepared {
-                    values,
+                    input: ModelInput {
+                        values,
+                        height: l.height as usize,
+                        width: l.width as usize,
+                    },
                     letterbox: Some(transform),
+                }
+            }
+            InputPipeline::Detr(r) => {
+                let prepared = r.apply(image)?;
+                Prepared {
+                    input: ModelInput {
+                        values: prepared.values,
+                        height: prepared.height as usize,
+                        width: prepared.width as usize,
+                    },
+                    letterbox: None,
                 }
             }
         })
@@ -149,13 +256,10 @@ pub struct LoadedNetwork {
 
 impl LoadedNetwork {
     pub fn runner(&self) -> NetworkRunner {
-        let (h, w) = self.pipeline.input_size();
         NetworkRunner {
             network: self.network.clone(),
             device: self.device.clone(),
             dtype: self.dtype,
-            height: h as usize,
-            width: w as usize,
         }
     }
 }
@@ -173,8 +277,17 @@ fn is_yolo(arch: Option<&str>, tensors: &HashMap<String, Tensor>) -> bool {
 pub struct LoadOverrides {
     /// Replaces a classifier's preprocessing.
     pub preprocess: Option<Preprocess>,
-    /// A detector's letterbox side.
+    /// A YOLO detector's letterbox side; DETR's shortest edge.
     pub input_size: Option<u32>,
+    /// DETR's longest edge.
+    pub max_input_size: Option<u32>,
+}
+
+/// Is this a DETR checkpoint? Its keys say so whatever the architecture
+/// name (`detr-resnet-50`, transformers' `DetrForObjectDetection`).
+fn is_detr(arch: Option<&str>, tensors: &HashMap<String, Tensor>) -> bool {
+    arch.is_some_and(|a| a.to_ascii_lowercase().starts_with("detr"))
+        || tensors.contains_key("model.query_position_embeddings.weight")
 }
 
 pub fn load_network(
@@ -193,7 +306,20 @@ pub fn load_network(
         _ => None,
     };
 
-    let (network, pipeline, builtin_names) = if is_yolo(resolved.arch.as_deref(), &tensors) {
+    let arch = resolved.arch.as_deref();
+    let (network, pipeline, builtin_names) = if is_detr(arch, &tensors) {
+        let model = Detr::load(tensors, None, device, dtype)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let mut resize = DetrResize::default();
+        if let Some(short) = overrides.input_size.or(manifest.and_then(|m| m.input_size)) {
+            resize.shortest_edge = short;
+        }
+        if let Some(long) = overrides.max_input_size {
+            resize.longest_edge = long;
+        }
+        resize.validate()?;
+        (Network::Detr(model), InputPipeline::Detr(resize), None)
+    } else if is_yolo(arch, &tensors) {
         let yolo = Yolo::load(tensors, device, dtype)
             .with_context(|| format!("loading {}", path.display()))?;
         let size = overrides
@@ -211,7 +337,7 @@ pub fn load_network(
             names,
         )
     } else {
-        let classifier = Classifier::load(tensors, resolved.arch.as_deref(), device, dtype)
+        let classifier = Classifier::load(tensors, arch, device, dtype)
             .with_context(|| format!("loading {}", path.display()))?;
         let preprocess = overrides
             .preprocess
@@ -281,6 +407,8 @@ fn standard_names(task: Task, num_classes: usize) -> Vec<String> {
     let builtin: Option<&[&str]> = match (task, num_classes) {
         (Task::Classification, 1000) => Some(labels::imagenet1k()),
         (Task::Detection, 80) => Some(labels::coco80()),
+        // DETR's COCO head: the 91 category ids, unused ones "N/A".
+        (Task::Detection, 91) => Some(labels::coco91()),
         _ => None,
     };
     match builtin {
@@ -291,43 +419,75 @@ fn standard_names(task: Task, num_classes: usize) -> Vec<String> {
 
 /// Runs batches of prepared images through a network: one forward pass per
 /// batch, each image's raw output flattened (classifier logits, YOLO's
-/// `[4 + classes, anchors]`).
+/// `[4 + classes, anchors]`, DETR's as [`Decoder::Detr`] says).
 pub struct NetworkRunner {
     pub network: Arc<Network>,
     pub device: Device,
     pub dtype: DType,
-    pub height: usize,
-    pub width: usize,
 }
 
 impl NetworkRunner {
-    pub fn forward(&self, images: &[Vec<f32>]) -> anyhow::Result<Vec<Vec<f32>>> {
-        let n = images.len();
-        let plane = 3 * self.height * self.width;
-        let mut flat = Vec::with_capacity(n * plane);
+    pub fn forward(&self, images: &[ModelInput]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let Some(first) = images.first() else {
+            return Ok(Vec::new());
+        };
         for image in images {
-            if image.len() != plane {
-                bail!("image of {} values, expected {plane}", image.len());
+            if image.values.len() != 3 * image.height * image.width {
+                bail!(
+                    "image of {} values, expected 3x{}x{}",
+                    image.values.len(),
+                    image.height,
+                    image.width
+                );
             }
-            flat.extend_from_slice(image);
         }
-        let x = Tensor::from_vec(flat, (n, 3, self.height, self.width), &Device::Cpu)?
-            .to_device(&self.device)?
-            .to_dtype(self.dtype)?;
-        let y = self
-            .network
-            .forward(&x)?
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?
-            .flatten_from(1)?;
-        Ok(y.to_vec2::<f32>()?)
+        let to_device = |t: Tensor| -> anyhow::Result<Tensor> {
+            Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
+        };
+        let to_rows = |t: Tensor| -> anyhow::Result<Vec<Vec<f32>>> {
+            let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            Ok(t.flatten_from(1)?.to_vec2::<f32>()?)
+        };
+        if let Network::Detr(detr) = self.network.as_ref() {
+            // Each image at its own size; the model pads what needs padding.
+            let tensors = images
+                .iter()
+                .map(|i| {
+                    let t = Tensor::from_slice(&i.values, (3, i.height, i.width), &Device::Cpu)?;
+                    to_device(t)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let (logits, boxes) = detr.forward_images(&tensors)?;
+            let rows = to_rows(logits)?.into_iter().zip(to_rows(boxes)?);
+            return Ok(rows
+                .map(|(mut logits, boxes)| {
+                    logits.extend(boxes);
+                    logits
+                })
+                .collect());
+        }
+        let (h, w) = (first.height, first.width);
+        let mut flat = Vec::with_capacity(images.len() * 3 * h * w);
+        for image in images {
+            if (image.height, image.width) != (h, w) {
+                bail!("images of different sizes in one batch");
+            }
+            flat.extend_from_slice(&image.values);
+        }
+        let x = to_device(Tensor::from_vec(
+            flat,
+            (images.len(), 3, h, w),
+            &Device::Cpu,
+        )?)?;
+        let mut outputs = self.network.run(&x, None)?;
+        to_rows(outputs.remove(0))
     }
 }
 
 impl BatchRunner for NetworkRunner {
-    type Input = Vec<f32>;
+    type Input = ModelInput;
     type Output = Vec<f32>;
-    fn run(&mut self, inputs: Vec<Vec<f32>>) -> anyhow::Result<Vec<Vec<f32>>> {
+    fn run(&mut self, inputs: Vec<ModelInput>) -> anyhow::Result<Vec<Vec<f32>>> {
         self.forward(&inputs)
     }
 }

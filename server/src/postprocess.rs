@@ -1,10 +1,26 @@
 //! Turning raw detector outputs into answers, shared by the HTTP API and
-//! `fovea detect`: the class filter, NMS and the mapping back to the
-//! original image, and the JSON form of a detection.
+//! `fovea detect`: the class filter, NMS (YOLO) or the score threshold
+//! (DETR), the mapping back to the original image, and the JSON form of a
+//! detection.
 
+use anyhow::Context;
 use fovea_model_core::detection::{self, DetectOptions, Detection};
+use fovea_model_core::detr_postprocess::{self, DetrPostprocess};
 use fovea_model_core::letterbox::LetterboxTransform;
 use serde_json::{json, Value};
+
+use crate::network::Decoder;
+
+impl Decoder {
+    /// The lowest score kept when a request names none: each family's
+    /// reference default (Ultralytics 0.25, transformers' DETR 0.5).
+    pub fn default_confidence(self) -> f32 {
+        match self {
+            Decoder::Yolo { .. } => 0.25,
+            Decoder::Detr { .. } => 0.5,
+        }
+    }
+}
 
 /// Class ids from names or ids (`"person"`, `"0"`), each checked against
 /// the model's labels.
@@ -34,16 +50,36 @@ pub fn class_filter(values: &[String], labels: &[String]) -> Result<Vec<usize>, 
     Ok(ids)
 }
 
-/// Detections of one image, in its own pixels.
+/// Detections of one `(width, height)` image, in its own pixels, best
+/// first. DETR has no NMS: `iou` and `agnostic` do not apply to it.
 pub fn detect(
     raw: &[f32],
-    num_classes: usize,
-    transform: &LetterboxTransform,
+    decoder: Decoder,
+    letterbox: Option<&LetterboxTransform>,
+    (width, height): (u32, u32),
     options: &DetectOptions,
-) -> Vec<Detection> {
-    let mut found = detection::postprocess(raw, num_classes, options);
-    detection::to_source(&mut found, transform);
-    found
+) -> anyhow::Result<Vec<Detection>> {
+    match decoder {
+        Decoder::Yolo { num_classes } => {
+            let transform = letterbox.context("a YOLO input is letterboxed")?;
+            let mut found = detection::postprocess(raw, num_classes, options);
+            detection::to_source(&mut found, transform);
+            Ok(found)
+        }
+        Decoder::Detr { num_queries } => {
+            let split = raw
+                .len()
+                .checked_sub(4 * num_queries)
+                .context("DETR output shorter than its boxes")?;
+            let (logits, boxes) = raw.split_at(split);
+            let settings = DetrPostprocess::from_detect_options(options);
+            let mut found =
+                detr_postprocess::postprocess(logits, boxes, (height, width), &settings)?;
+            // Query order is arbitrary; answer best first as for YOLO.
+            found.sort_by(|a, b| b.score.total_cmp(&a.score));
+            Ok(found)
+        }
+    }
 }
 
 pub fn detection_json(d: &Detection, labels: &[String]) -> Value {

@@ -13,7 +13,7 @@ use fovea_weights::store::{Manifest, Store, StoredModel};
 use crate::batcher::{BatchMetrics, BatchSettings, Batcher};
 use crate::config::strip_arch;
 use crate::metrics::Metrics;
-use crate::network::{load_network, InputPipeline, LoadOverrides, Task};
+use crate::network::{load_network, Decoder, InputPipeline, LoadOverrides, ModelInput, Task};
 
 /// `cpu`, `cuda:N`, `metal:N`. Asking for a device this build lacks is an
 /// error here, at start-up.
@@ -211,9 +211,11 @@ pub struct LoadedModel {
     pub dtype: &'static str,
     pub num_classes: usize,
     pub pipeline: InputPipeline,
+    /// How a detector's raw output becomes detections.
+    pub decoder: Option<Decoder>,
     pub labels: Arc<Vec<String>>,
     pub source: String,
-    pub batcher: Batcher<Vec<f32>, Vec<f32>>,
+    pub batcher: Batcher<ModelInput, Vec<f32>>,
 }
 
 impl LoadedModel {
@@ -341,16 +343,17 @@ pub fn load_model(
     let overrides = LoadOverrides {
         preprocess: config.preprocess.clone(),
         input_size: config.input_size,
+        max_input_size: config.max_input_size,
     };
     let loaded = load_network(&resolved, device, dtype, &overrides)
         .with_context(|| format!("model {:?}", config.name))?;
     let network = loaded.network.clone();
-    let (h, w) = loaded.pipeline.input_size();
+    let (h, w) = loaded.pipeline.nominal_input_size();
     let runner = loaded.runner();
     // Warm-up: the first forward pass allocates and initialises; do it
     // before the model is reported ready.
     runner
-        .forward(&[vec![0.0; 3 * (h * w) as usize]])
+        .forward(&[ModelInput::zeros(h as usize, w as usize)])
         .map_err(|e| anyhow!("model {:?}: warm-up failed: {e:#}", config.name))?;
 
     let name = config.name.as_str();
@@ -402,6 +405,7 @@ pub fn load_model(
         dtype: dtype_label(dtype),
         num_classes: network.num_classes(),
         pipeline: loaded.pipeline,
+        decoder: network.decoder(),
         labels: loaded.labels,
         source: config.spec.clone(),
         batcher,

@@ -90,6 +90,48 @@ fn run_reproduces_the_pytorch_reference() {
     }
 }
 
+/// DETR takes `pixel_values` and `pixel_mask` and gives `logits` and
+/// `pred_boxes`: the transformers reference on a padded batch of two images
+/// of different sizes.
+#[test]
+fn run_reproduces_detr_with_its_pixel_mask() {
+    let tmp = tempfile_dir();
+    let dir = repo_root().join("model-core/tests/fixtures/models/detr_tiny");
+    let golden = dir.join("golden.safetensors");
+    let out = tmp.join("detr_tiny.out.safetensors");
+    let result = fovea(
+        &[
+            "run",
+            "--model",
+            dir.join("model.safetensors").to_str().unwrap(),
+            "--input",
+            golden.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    for name in ["logits", "pred_boxes"] {
+        let (shape, got) = read_f32(&out, name);
+        let (ref_shape, want) = read_f32(&golden, name);
+        assert_eq!(shape, ref_shape, "{name}");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff <= 1e-4 * scale,
+            "{name}: max diff {diff} vs scale {scale}"
+        );
+    }
+}
+
 /// An Ultralytics checkpoint in, the raw detector output out: `fovea import`
 /// then `fovea run` reproduce Ultralytics' `model(x)[0]`.
 #[test]

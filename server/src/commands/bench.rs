@@ -42,7 +42,7 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
     let (h, w) = match args.size {
         Some(s) => (s, s),
         None => {
-            let (h, w) = model.pipeline.input_size();
+            let (h, w) = model.pipeline.nominal_input_size();
             (h as usize, w as usize)
         }
     };
@@ -54,9 +54,10 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
             .to_dtype(model.dtype)?
             .to_device(&model.device)?;
         let run = || -> anyhow::Result<()> {
-            let y = model.network.forward(&x)?;
-            // Wait for the device: copy the (small) result back.
-            y.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            // Wait for the device: copy the (small) results back.
+            for y in model.network.run(&x, None)? {
+                y.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            }
             Ok(())
         };
         let warm = Instant::now();

@@ -21,7 +21,7 @@ pub fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let decoded = decode_image(&bytes, &DecodeLimits::default())
             .with_context(|| format!("decoding {}", path.display()))?;
-        inputs.push(model.pipeline.apply(&decoded.image)?.values);
+        inputs.push(model.pipeline.apply(&decoded.image)?.input);
     }
     let logits = runner.forward(&inputs)?;
     let top_k = args.top_k.clamp(1, model.labels.len());

@@ -17,6 +17,7 @@ const JPEG_QUALITY: u8 = 90;
 pub fn detect(args: DetectArgs) -> anyhow::Result<()> {
     let overrides = LoadOverrides {
         input_size: args.size,
+        max_input_size: args.max_size,
         ..Default::default()
     };
     let model = super::load(
@@ -30,8 +31,14 @@ pub fn detect(args: DetectArgs) -> anyhow::Result<()> {
     } else {
         Some(class_filter(&args.classes, &model.labels).map_err(anyhow::Error::msg)?)
     };
+    let decoder = model
+        .network
+        .decoder()
+        .context("a detector decodes its output")?;
     let options = DetectOptions {
-        confidence: args.confidence,
+        confidence: args
+            .confidence
+            .unwrap_or_else(|| decoder.default_confidence()),
         iou: args.iou,
         max_detections: args.max_detections,
         classes,
@@ -40,20 +47,21 @@ pub fn detect(args: DetectArgs) -> anyhow::Result<()> {
     options.validate().map_err(anyhow::Error::msg)?;
 
     let runner = model.runner();
-    let num_classes = model.network.num_classes();
     let mut results = Vec::with_capacity(args.images.len());
     for (i, path) in args.images.iter().enumerate() {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let decoded = decode_image(&bytes, &DecodeLimits::default())
             .with_context(|| format!("decoding {}", path.display()))?;
         let prepared = model.pipeline.apply(&decoded.image)?;
-        let transform = prepared
-            .letterbox
-            .context("a detector letterboxes its input")?;
-        // One image per pass: the images may differ in size, and the
-        // letterboxed input does not, but a batch would hold them all.
-        let raw = runner.forward(&[prepared.values])?.remove(0);
-        let found = detect_one(&raw, num_classes, &transform, &options);
+        // One image per pass: a batch would hold every image in memory.
+        let raw = runner.forward(&[prepared.input])?.remove(0);
+        let found = detect_one(
+            &raw,
+            decoder,
+            prepared.letterbox.as_ref(),
+            decoded.image.dimensions(),
+            &options,
+        )?;
         if let Some(save) = &args.save {
             let out = save_path(save, i, args.images.len());
             std::fs::write(

@@ -1,5 +1,9 @@
 //! `fovea run`: preprocessed tensors in, raw model outputs out. This is how
 //! conformance with the PyTorch references is checked from outside.
+//!
+//! Input: `pixel_values` `[B, 3, H, W]` (and, for DETR, an optional
+//! `pixel_mask` `[B, H, W]`). Output: the model's raw outputs by name
+//! (`logits`; YOLO `output`; DETR `logits` and `pred_boxes`).
 
 use std::collections::HashMap;
 
@@ -25,19 +29,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let x = pixel_values
         .to_dtype(model.dtype)?
         .to_device(&model.device)?;
-    let output = model
-        .network
-        .forward(&x)?
-        .to_dtype(DType::F32)?
-        .to_device(&Device::Cpu)?;
-    let name = model.network.output_name();
-    eprintln!(
-        "wrote {name} {:?} to {}",
-        output.dims(),
-        args.output.display()
-    );
-    let outputs = HashMap::from([(name.to_string(), output)]);
-    candle_core::safetensors::save(&outputs, &args.output)
+    let outputs = model.network.run(&x, inputs.get("pixel_mask"))?;
+    let mut named = HashMap::new();
+    for (name, output) in model.network.output_names().iter().zip(outputs) {
+        let output = output.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        eprintln!(
+            "wrote {name} {:?} to {}",
+            output.dims(),
+            args.output.display()
+        );
+        named.insert(name.to_string(), output);
+    }
+    candle_core::safetensors::save(&named, &args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
     Ok(())
 }

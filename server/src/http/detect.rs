@@ -34,7 +34,6 @@ const OPTIONS: &[&str] = &[
     "render",
     "timeout_ms",
 ];
-const DEFAULT_CONFIDENCE: f64 = 0.25;
 const DEFAULT_IOU: f64 = 0.45;
 const DEFAULT_MAX_DETECTIONS: u64 = 300;
 const MAX_DETECTIONS: u64 = 10_000;
@@ -90,6 +89,13 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     let request = read_request(state, &ROUTE, uri, &headers, body, started, model_label).await?;
     let model = request.model.clone();
+    let decoder = model.decoder.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "a detection model without a decoder",
+        )
+    })?;
     let options = &request.options;
     let classes = match options.list("classes")? {
         None => None,
@@ -100,7 +106,7 @@ async fn handle(
     let detect_options = DetectOptions {
         confidence: options
             .number("confidence", 0.0, 1.0)?
-            .unwrap_or(DEFAULT_CONFIDENCE) as f32,
+            .map_or_else(|| decoder.default_confidence(), |c| c as f32),
         iou: options.number("iou", 0.0, 1.0)?.unwrap_or(DEFAULT_IOU) as f32,
         max_detections: options
             .integer("max_detections", 1, MAX_DETECTIONS)?
@@ -120,21 +126,22 @@ async fn handle(
     }
 
     let (images, timing) = infer(state, request, render_image).await?;
-    let num_classes = model.num_classes;
     let labels = model.labels.clone();
     let histogram = state
         .metrics
         .detections_per_image
         .with_label_values(&[&model.name]);
     // NMS and drawing are CPU work: off the async workers.
-    let answer = tokio::task::spawn_blocking(move || {
+    let answer = tokio::task::spawn_blocking(move || -> anyhow::Result<Answer> {
         let mut per_image = Vec::with_capacity(images.len());
         for image in &images {
-            let transform = image
-                .letterbox
-                .as_ref()
-                .expect("detectors letterbox their input");
-            let found = detect(&image.output, num_classes, transform, &detect_options);
+            let found = detect(
+                &image.output,
+                decoder,
+                image.letterbox.as_ref(),
+                (image.width, image.height),
+                &detect_options,
+            )?;
             histogram.observe(found.len() as f64);
             per_image.push(found);
         }
@@ -142,10 +149,10 @@ async fn handle(
             let ImageResult { decoded, .. } = &images[0];
             let decoded = decoded.as_ref().expect("kept for drawing");
             let jpeg = encode_jpeg(&render(decoded, &per_image[0], &labels), JPEG_QUALITY);
-            return Answer::Image {
+            return Ok(Answer::Image {
                 jpeg,
                 detections: per_image[0].len(),
-            };
+            });
         }
         let results: Vec<Value> = images
             .iter()
@@ -156,10 +163,13 @@ async fn handle(
                 json!({"width": image.width, "height": image.height, "detections": detections})
             })
             .collect();
-        Answer::Json(results)
+        Ok(Answer::Json(results))
     })
     .await
-    .map_err(|_| {
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .and_then(|answer| answer)
+    .map_err(|e| {
+        tracing::error!(model = %model.name, "postprocessing failed: {e:#}");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

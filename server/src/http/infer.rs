@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::input::{parse_request, read_body, Options};
 use super::AppState;
 use crate::batcher::JobTiming;
-use crate::network::Task;
+use crate::network::{ModelInput, Task};
 use crate::registry::{LoadedModel, Lookup};
 
 /// What a route serves: its path (a metric label), task and options.
@@ -185,7 +185,7 @@ async fn preprocess_all(
     model: &Arc<LoadedModel>,
     images: Vec<Bytes>,
     keep_decoded: bool,
-) -> Result<Vec<(Vec<f32>, ImageResult)>, ApiError> {
+) -> Result<Vec<(ModelInput, ImageResult)>, ApiError> {
     let count = images.len();
     let limits = DecodeLimits::with_max_pixels(state.limits.max_image_pixels);
     let tasks: Vec<_> = images
@@ -211,7 +211,7 @@ async fn preprocess_all(
                     letterbox: prepared.letterbox,
                     decoded: keep_decoded.then_some(decoded),
                 };
-                Ok::<_, ApiError>((prepared.values, meta))
+                Ok::<_, ApiError>((prepared.input, meta))
             })
         })
         .collect();

@@ -98,7 +98,8 @@ async fn not_found() -> ApiError {
 }
 
 pub fn describe(model: &LoadedModel) -> Value {
-    let (h, w) = model.pipeline.input_size();
+    // DETR's input follows each image's aspect ratio: no fixed size.
+    let input_size = model.pipeline.fixed_input_size().map(|(h, w)| [h, w]);
     json!({
         "name": model.name,
         "task": model.task,
@@ -107,7 +108,7 @@ pub fn describe(model: &LoadedModel) -> Value {
         "layout": model.layout,
         "device": model.device,
         "dtype": model.dtype,
-        "input_size": [h, w],
+        "input_size": input_size,
         "num_classes": model.num_classes,
         "preprocess": model.pipeline,
         "batching": model.settings(),
