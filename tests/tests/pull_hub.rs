@@ -215,3 +215,77 @@ fn pull_from_a_url_with_its_sha256() {
     );
     assert_eq!(m["source"]["location"], url);
 }
+
+#[test]
+fn pull_a_detr_detector_and_detect_with_its_labels() {
+    let weights = std::fs::read(
+        repo_root().join("model-core/tests/fixtures/models/detr_tiny/model.safetensors"),
+    )
+    .unwrap();
+    // 91 COCO-style ids with gaps, as facebook/detr-resnet-50's id2label.
+    let id2label: serde_json::Map<String, Value> = (0..91)
+        .filter(|i| i % 10 != 5)
+        .map(|i| (i.to_string(), json!(format!("obj-{i}"))))
+        .collect();
+    let config = serde_json::to_vec(&json!({
+        "architectures": ["DetrForObjectDetection"], "model_type": "detr",
+        "backbone": "resnet50", "use_timm_backbone": true, "id2label": id2label
+    }))
+    .unwrap();
+    let hub = StandinHub::start();
+    let repo = "facebook/detr-tiny";
+    hub.add_repo(
+        repo,
+        COMMIT,
+        &[
+            ("config.json", &config, false),
+            ("model.safetensors", &weights, true),
+            (
+                "preprocessor_config.json",
+                br#"{"image_processor_type": "DetrImageProcessor", "size": {"shortest_edge": 800, "longest_edge": 1333}}"#,
+                false,
+            ),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env {
+        hub: &hub,
+        dir: dir.path(),
+    };
+    let out = env.fovea(&["pull", &format!("hf:{repo}")], None);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("license: unknown"), "{stderr}");
+    let out = env.fovea(&["models", "--json"], None);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &listed["store"][0]["manifest"];
+    assert_eq!(
+        (m["task"].as_str(), m["arch"].as_str()),
+        (Some("detection"), Some("detr_resnet50"))
+    );
+    assert_eq!(m["num_classes"], 91);
+    assert_eq!(
+        (m["labels"][0].as_str(), m["labels"][5].as_str()),
+        (Some("obj-0"), Some("N/A"))
+    );
+
+    let photo = image("grace_hopper.jpg");
+    let out = env.fovea(
+        &[
+            "detect",
+            "--model",
+            "detr-tiny",
+            "--json",
+            "--confidence",
+            "0.01",
+            photo.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for d in found["results"][0]["detections"].as_array().unwrap() {
+        let label = d["label"].as_str().unwrap();
+        assert!(label == "N/A" || label.starts_with("obj-"), "{d}");
+    }
+}
