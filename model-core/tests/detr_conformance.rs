@@ -5,6 +5,10 @@
 //! alone, and the serving path that keeps images independent of their
 //! batchmates. With `FOVEA_FULL_FIXTURES`, full-size DETR-R50 and R101.
 
+mod common;
+
+use common::rel_diff;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -12,18 +16,6 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use fovea_model_core::detr::Detr;
 use fovea_model_core::model_error::ModelError;
-
-/// Max |a - b| over max |reference|.
-fn rel_diff(got: &Tensor, want: &Tensor) -> Result<f32> {
-    let got = got.to_dtype(DType::F32)?;
-    let diff = (&got - want)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    Ok(diff / scale.max(f32::MIN_POSITIVE))
-}
 
 struct Fixture {
     weights: HashMap<String, Tensor>,

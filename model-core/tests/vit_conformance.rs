@@ -4,24 +4,16 @@
 //! trained resolution and at a non-square other one (position embeddings
 //! resampled), and, when `FOVEA_FULL_FIXTURES` points at them, ViT-Base/16.
 
+mod common;
+
+use common::rel_diff;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use fovea_model_core::classifier::{Classifier, ModelError};
-
-/// Max |a - b| over max |reference|.
-fn rel_diff(got: &Tensor, want: &Tensor) -> Result<f32> {
-    let got = got.to_dtype(DType::F32)?;
-    let diff = (&got - want)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    Ok(diff / scale.max(f32::MIN_POSITIVE))
-}
 
 struct Fixture {
     weights: HashMap<String, Tensor>,

@@ -7,24 +7,16 @@
 //! Boxes (pixels) and scores (0..1) have different scales, so each part of
 //! the output is compared against its own maximum.
 
+mod common;
+
+use common::rel_diff;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use fovea_model_core::yolo::{ModelError, Yolo, YoloVersion};
-
-/// Max |a - b| over max |reference|.
-fn rel_diff(got: &Tensor, want: &Tensor) -> Result<f32> {
-    let got = got.to_dtype(DType::F32)?;
-    let diff = (&got - want)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    Ok(diff / scale.max(f32::MIN_POSITIVE))
-}
 
 /// (boxes, scores) relative differences of `[B, 4 + nc, A]` outputs.
 fn rel_parts(got: &Tensor, want: &Tensor) -> Result<(f32, f32)> {
