@@ -28,6 +28,8 @@ fn main() -> ExitCode {
         _ => "text".into(),
     };
     init_logging(&log_format);
+    // Every HTTP client in the program (pulls, `fovea bench --http`) needs it.
+    fovea_weights::http::install_crypto_provider();
     if !matches!(cli.command, cli::Command::Serve(_) | cli::Command::Bench(_)) {
         die_quietly_on_closed_pipe();
     }

@@ -46,6 +46,30 @@ fn read_f32(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     (shape, data)
 }
 
+/// `fovea run --model MODEL --input INPUT --output OUT`, which must succeed.
+fn fovea_run(model: &str, input: &std::path::Path, out: &std::path::Path, home: &std::path::Path) {
+    let (input, out) = (input.to_str().unwrap(), out.to_str().unwrap());
+    let result = fovea(
+        &["run", "--model", model, "--input", input, "--output", out],
+        home,
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
+/// (max |got - want|, max |want|).
+fn max_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    (diff, scale)
+}
+
 #[test]
 fn run_reproduces_the_pytorch_reference() {
     let fixtures = repo_root().join("model-core/tests/fixtures/models");
@@ -58,31 +82,11 @@ fn run_reproduces_the_pytorch_reference() {
         let golden = dir.join("golden.safetensors");
         let out = tmp.join(format!("{fixture}.out.safetensors"));
         let spec = format!("{arch}:{}", dir.join("model.safetensors").display());
-        let result = fovea(
-            &[
-                "run",
-                "--model",
-                &spec,
-                "--input",
-                golden.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-            ],
-            &tmp,
-        );
-        assert!(
-            result.status.success(),
-            "{}",
-            String::from_utf8_lossy(&result.stderr)
-        );
+        fovea_run(&spec, &golden, &out, &tmp);
         let (shape, got) = read_f32(&out, "logits");
         let (ref_shape, want) = read_f32(&golden, "logits");
         assert_eq!(shape, ref_shape);
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let (diff, scale) = max_diff(&got, &want);
         assert!(
             diff <= 1e-4 * scale,
             "{fixture}: max diff {diff} vs scale {scale}"
@@ -99,32 +103,17 @@ fn run_reproduces_detr_with_its_pixel_mask() {
     let dir = repo_root().join("model-core/tests/fixtures/models/detr_tiny");
     let golden = dir.join("golden.safetensors");
     let out = tmp.join("detr_tiny.out.safetensors");
-    let result = fovea(
-        &[
-            "run",
-            "--model",
-            dir.join("model.safetensors").to_str().unwrap(),
-            "--input",
-            golden.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ],
+    fovea_run(
+        dir.join("model.safetensors").to_str().unwrap(),
+        &golden,
+        &out,
         &tmp,
-    );
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
     );
     for name in ["logits", "pred_boxes"] {
         let (shape, got) = read_f32(&out, name);
         let (ref_shape, want) = read_f32(&golden, name);
         assert_eq!(shape, ref_shape, "{name}");
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let (diff, scale) = max_diff(&got, &want);
         assert!(
             diff <= 1e-4 * scale,
             "{name}: max diff {diff} vs scale {scale}"
@@ -156,23 +145,7 @@ fn import_and_run_reproduce_ultralytics_yolov8() {
 
     let golden = dir.join("golden.safetensors");
     let out = tmp.join("yolov8_tiny.out.safetensors");
-    let result = fovea(
-        &[
-            "run",
-            "--model",
-            weights.to_str().unwrap(),
-            "--input",
-            golden.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        &tmp,
-    );
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    fovea_run(weights.to_str().unwrap(), &golden, &out, &tmp);
     let (shape, got) = read_f32(&out, "output");
     let (ref_shape, want) = read_f32(&golden, "output");
     assert_eq!(shape, ref_shape);

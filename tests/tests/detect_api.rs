@@ -8,7 +8,9 @@ mod common;
 
 use std::process::Command;
 
-use common::{client, fovea_bin, image, shared_home, tiny_detector, tiny_model, Server};
+use common::{
+    client, detections, fovea_bin, image, shared_home, tiny_detector, tiny_model, Server,
+};
 use reqwest::blocking::multipart;
 use serde_json::Value;
 
@@ -52,22 +54,6 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
-fn boxes(result: &Value) -> Vec<(u64, f64, [f64; 4])> {
-    result["detections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            let b = &d["box"];
-            (
-                d["class_id"].as_u64().unwrap(),
-                d["score"].as_f64().unwrap(),
-                ["x1", "y1", "x2", "y2"].map(|k| b[k].as_f64().unwrap()),
-            )
-        })
-        .collect()
-}
-
 fn error_code(resp: reqwest::blocking::Response) -> (u16, String, String) {
     let status = resp.status().as_u16();
     let body: Value = resp.json().expect("errors are JSON");
@@ -108,7 +94,7 @@ fn images_of_different_sizes_are_batched_and_mapped_back() {
         let result = &a["results"][0];
         assert_eq!(result["width"], img.width(), "{name}");
         assert_eq!(result["height"], img.height(), "{name}");
-        let found = boxes(result);
+        let found = detections(result);
         assert!(!found.is_empty(), "{name}: no boxes at a low threshold");
         assert!(found.len() <= 50);
         for (_, score, [x1, y1, x2, y2]) in &found {
@@ -126,7 +112,7 @@ fn images_of_different_sizes_are_batched_and_mapped_back() {
         assert!(scores.windows(2).all(|w| w[0] >= w[1]), "sorted by score");
 
         // What an image gets does not depend on what it was batched with.
-        let other = boxes(&b["results"][0]);
+        let other = detections(&b["results"][0]);
         assert_eq!(found.len(), other.len(), "{name}");
         for (x, y) in found.iter().zip(&other) {
             assert_eq!(x.0, y.0, "{name}");
@@ -157,8 +143,8 @@ fn images_of_different_sizes_are_batched_and_mapped_back() {
     for (i, a) in alone.iter().enumerate() {
         assert_eq!(multi["results"][i]["width"], a["results"][0]["width"]);
         assert_eq!(
-            boxes(&multi["results"][i]).len(),
-            boxes(&a["results"][0]).len()
+            detections(&multi["results"][i]).len(),
+            detections(&a["results"][0]).len()
         );
     }
 
@@ -176,8 +162,8 @@ fn images_of_different_sizes_are_batched_and_mapped_back() {
 #[test]
 fn options_filter_and_are_checked() {
     let server = start_both();
-    let all = boxes(&detect(&server, "confidence=0.3", "chelsea.png")["results"][0]);
-    let higher = boxes(&detect(&server, "confidence=0.8", "chelsea.png")["results"][0]);
+    let all = detections(&detect(&server, "confidence=0.3", "chelsea.png")["results"][0]);
+    let higher = detections(&detect(&server, "confidence=0.8", "chelsea.png")["results"][0]);
     assert!(
         higher.len() < all.len(),
         "{} vs {}",
@@ -186,8 +172,9 @@ fn options_filter_and_are_checked() {
     );
     assert!(higher.iter().all(|d| d.1 >= 0.8));
 
-    let few =
-        boxes(&detect(&server, "confidence=0.3&max_detections=3", "chelsea.png")["results"][0]);
+    let few = detections(
+        &detect(&server, "confidence=0.3&max_detections=3", "chelsea.png")["results"][0],
+    );
     assert_eq!(few.len(), 3);
     assert_eq!(few, all[..3].to_vec(), "max_detections keeps the best");
 
@@ -200,7 +187,7 @@ fn options_filter_and_are_checked() {
         &format!("confidence=0.3&classes={first_class}"),
         "chelsea.png",
     );
-    let only = boxes(&by_id["results"][0]);
+    let only = detections(&by_id["results"][0]);
     assert!(!only.is_empty());
     assert!(only.iter().all(|d| d.0 == first_class));
     assert_eq!(
@@ -212,13 +199,13 @@ fn options_filter_and_are_checked() {
         &format!("confidence=0.3&classes=class{first_class}"),
         "chelsea.png",
     );
-    assert_eq!(boxes(&by_name["results"][0]), only);
+    assert_eq!(detections(&by_name["results"][0]), only);
 
     // A looser IoU keeps at least as many boxes; agnostic NMS at most as many.
-    let loose = boxes(&detect(&server, "confidence=0.3&iou=0.9", "chelsea.png")["results"][0]);
+    let loose = detections(&detect(&server, "confidence=0.3&iou=0.9", "chelsea.png")["results"][0]);
     assert!(loose.len() >= all.len());
     let agnostic =
-        boxes(&detect(&server, "confidence=0.3&agnostic=true", "chelsea.png")["results"][0]);
+        detections(&detect(&server, "confidence=0.3&agnostic=true", "chelsea.png")["results"][0]);
     assert!(agnostic.len() <= all.len());
 
     // JSON bodies carry options as fields.
@@ -231,7 +218,7 @@ fn options_filter_and_are_checked() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let via_json: Value = r.json().unwrap();
-    assert_eq!(boxes(&via_json["results"][0]), only);
+    assert_eq!(detections(&via_json["results"][0]), only);
 
     for bad in [
         "confidence=2",
@@ -399,7 +386,7 @@ fn detect_command_prints_json_and_saves_drawings() {
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["results"].as_array().unwrap().len(), 2);
     assert_eq!(answer["results"][1]["width"], 512);
-    assert!(!boxes(&answer["results"][0]).is_empty());
+    assert!(!detections(&answer["results"][0]).is_empty());
     for (i, size) in [(1, (451, 300)), (2, (512, 600))] {
         let drawn = image::open(dir.join(format!("boxes-{i}.jpg"))).unwrap();
         assert_eq!((drawn.width(), drawn.height()), size);
@@ -449,7 +436,7 @@ fn the_letterbox_size_is_configurable() {
     assert_eq!(model["input_size"], serde_json::json!([320, 320]));
     let answer = detect(&server, LOW, "motorcycle_left.png");
     assert_eq!(answer["results"][0]["width"], 741);
-    assert!(!boxes(&answer["results"][0]).is_empty());
+    assert!(!detections(&answer["results"][0]).is_empty());
 
     // Not a multiple of 32: refused before anything runs.
     let out = Command::new(fovea_bin())

@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{client, fovea_bin, image, repo_root, Server};
+use common::{client, detections, fovea_bin, image, repo_root, Server};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
@@ -59,23 +59,6 @@ fn detect(server: &Server, name: &str) -> Value {
     let r = post(server, "/v1/detect?model=detr&confidence=0", name);
     assert_eq!(r.status(), 200);
     r.json().unwrap()
-}
-
-/// (class, score, [x1, y1, x2, y2]) of every detection.
-fn found(result: &Value) -> Vec<(u64, f64, [f64; 4])> {
-    result["detections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            let b = &d["box"];
-            (
-                d["class_id"].as_u64().unwrap(),
-                d["score"].as_f64().unwrap(),
-                ["x1", "y1", "x2", "y2"].map(|k| b[k].as_f64().unwrap()),
-            )
-        })
-        .collect()
 }
 
 /// Every expected detection has its own match in `got` (same class, score
@@ -135,7 +118,7 @@ fn detr_reproduces_the_transformers_pipeline_on_photos() {
                 )
             })
             .collect();
-        let got = found(result);
+        let got = detections(result);
         assert_same(name, &got, &want, 1e-4, 0.05);
         // Best first, with COCO's names (class ids are COCO category ids).
         assert!(got.windows(2).all(|w| w[0].1 >= w[1].1), "{name}: sorted");
@@ -174,7 +157,7 @@ fn detr_answers_do_not_depend_on_batchmates() {
         .any(|a| a["timing"]["batch_sizes"][0].as_u64().unwrap() > 1);
     assert!(batched, "no batch formed: {together:?}");
     for ((name, a), b) in names.iter().zip(&alone).zip(&together) {
-        let (a, b) = (found(&a["results"][0]), found(&b["results"][0]));
+        let (a, b) = (detections(&a["results"][0]), detections(&b["results"][0]));
         assert_eq!(a.len(), 12, "{name}: confidence 0 keeps every query");
         assert_same(name, &b, &a, 1e-5, 1e-3);
     }
@@ -289,7 +272,7 @@ fn fovea_detect_runs_detr_like_the_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let got = found(&v["results"][0]);
+    let got = detections(&v["results"][0]);
     let want = expected["detections"].as_array().unwrap();
     assert_eq!(got.len(), want.len());
     let best = want

@@ -65,12 +65,20 @@ enum Failure {
     Fatal(PullError),
 }
 
+/// Installs rustls' ring crypto provider for the process. reqwest is built
+/// without a provider of its own (`rustls-no-provider`, so no C toolchain is
+/// needed), so any reqwest client in the program, this crate's or another's,
+/// panics when built before this has run. Idempotent.
+pub fn install_crypto_provider() {
+    // A second install (or one by another part of the program) is refused,
+    // which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl Http {
     /// `token` is sent as `Authorization: Bearer` to `token_origin` only.
     pub fn new(token: Option<&str>, token_origin: Option<&Url>) -> Result<Http, PullError> {
-        // rustls needs a process-wide crypto provider; a second install (or
-        // one by another part of the program) is refused, which is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         let client = Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(30))

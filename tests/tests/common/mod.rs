@@ -187,6 +187,8 @@ impl Drop for Server {
 }
 
 pub fn client() -> reqwest::blocking::Client {
+    // reqwest's rustls has no crypto provider of its own in this workspace.
+    fovea_weights::http::install_crypto_provider();
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()
@@ -238,3 +240,21 @@ pub fn tiny_detector() -> String {
 }
 
 pub const TINY_DETECTOR_PT: &str = "model-core/tests/fixtures/models/yolov8_tiny/model.pt";
+
+/// (class id, score, [x1, y1, x2, y2]) of each detection in one image's
+/// `/v1/detect` result.
+pub fn detections(result: &serde_json::Value) -> Vec<(u64, f64, [f64; 4])> {
+    result["detections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let b = &d["box"];
+            (
+                d["class_id"].as_u64().unwrap(),
+                d["score"].as_f64().unwrap(),
+                ["x1", "y1", "x2", "y2"].map(|k| b[k].as_f64().unwrap()),
+            )
+        })
+        .collect()
+}
