@@ -57,17 +57,6 @@ impl DetrPostprocess {
             max_detections: Some(options.max_detections),
         }
     }
-
-    /// The threshold is a probability: within `0..=1`.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(0.0..=1.0).contains(&self.threshold) {
-            return Err(format!(
-                "threshold {} must be between 0 and 1",
-                self.threshold
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// Output shapes that do not fit together.
@@ -308,12 +297,5 @@ mod tests {
                 max_detections: Some(5)
             }
         );
-        o.validate().unwrap();
-        assert!(DetrPostprocess {
-            threshold: 1.5,
-            ..o
-        }
-        .validate()
-        .is_err());
     }
 }

@@ -191,9 +191,8 @@ impl InputPipeline {
     /// (DETR's follows each image's aspect ratio).
     pub fn fixed_input_size(&self) -> Option<(u32, u32)> {
         match self {
-            InputPipeline::Classify(p) => Some(p.input_size()),
-            InputPipeline::Letterbox(l) => Some((l.height, l.width)),
             InputPipeline::Detr(_) => None,
+            fixed => Some(fixed.nominal_input_size()),
         }
     }
 
@@ -201,8 +200,12 @@ impl InputPipeline {
     /// of a 4:3 landscape photo (for warm-up and benchmarks).
     pub fn nominal_input_size(&self) -> (u32, u32) {
         match self {
-            InputPipeline::Detr(r) => r.output_size(3000, 4000).unwrap_or((800, 1066)),
-            other => other.fixed_input_size().unwrap_or((224, 224)),
+            InputPipeline::Classify(p) => p.input_size(),
+            InputPipeline::Letterbox(l) => (l.height, l.width),
+            // Validated settings always give a size; the square is a floor.
+            InputPipeline::Detr(r) => r
+                .output_size(3000, 4000)
+                .unwrap_or((r.shortest_edge, r.shortest_edge)),
         }
     }
 

@@ -9,7 +9,8 @@ mod common;
 use std::process::Command;
 
 use common::{
-    client, detections, fovea_bin, image, shared_home, tiny_detector, tiny_model, Server,
+    alone_then_together, client, detections, fovea_bin, image, shared_home, tiny_detector,
+    tiny_model, Server,
 };
 use reqwest::blocking::multipart;
 use serde_json::Value;
@@ -73,21 +74,8 @@ fn images_of_different_sizes_are_batched_and_mapped_back() {
         "grace_hopper.jpg",
         "motorcycle_left.png",
     ];
-    // Alone first: the reference answers.
-    let alone: Vec<Value> = names.iter().map(|n| detect(&server, LOW, n)).collect();
-
-    // Then all at once from concurrent clients: they share forward passes.
-    let together: Vec<Value> = std::thread::scope(|s| {
-        let handles: Vec<_> = names
-            .iter()
-            .map(|n| s.spawn(|| detect(&server, LOW, n)))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let batched = together
-        .iter()
-        .any(|a| a["timing"]["batch_sizes"][0].as_u64().unwrap() > 1);
-    assert!(batched, "no batch formed: {together:?}");
+    // Alone first (the reference answers), then all at once in shared batches.
+    let (alone, together) = alone_then_together(&names, |n| detect(&server, LOW, n));
 
     for ((name, a), b) in names.iter().zip(&alone).zip(&together) {
         let img = image::open(image(name)).unwrap();

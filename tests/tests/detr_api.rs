@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{client, detections, fovea_bin, image, repo_root, Server};
+use common::{alone_then_together, client, detections, fovea_bin, image, repo_root, Server};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
@@ -144,18 +144,7 @@ fn detr_answers_do_not_depend_on_batchmates() {
         "motorcycle_left.png",
         "astronaut.png",
     ];
-    let alone: Vec<Value> = names.iter().map(|n| detect(&server, n)).collect();
-    let together: Vec<Value> = std::thread::scope(|s| {
-        let handles: Vec<_> = names
-            .iter()
-            .map(|n| s.spawn(|| detect(&server, n)))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let batched = together
-        .iter()
-        .any(|a| a["timing"]["batch_sizes"][0].as_u64().unwrap() > 1);
-    assert!(batched, "no batch formed: {together:?}");
+    let (alone, together) = alone_then_together(&names, |n| detect(&server, n));
     for ((name, a), b) in names.iter().zip(&alone).zip(&together) {
         let (a, b) = (detections(&a["results"][0]), detections(&b["results"][0]));
         assert_eq!(a.len(), 12, "{name}: confidence 0 keeps every query");

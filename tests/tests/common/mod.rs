@@ -241,6 +241,25 @@ pub fn tiny_detector() -> String {
 
 pub const TINY_DETECTOR_PT: &str = "model-core/tests/fixtures/models/yolov8_tiny/model.pt";
 
+/// Answers to `ask` for each item alone (one after another), then for all
+/// of them at once from concurrent clients; the concurrent ones must have
+/// shared a forward pass (an answer's `timing.batch_sizes` above 1).
+pub fn alone_then_together(
+    items: &[&str],
+    ask: impl Fn(&str) -> serde_json::Value + Sync,
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let alone: Vec<_> = items.iter().map(|item| ask(item)).collect();
+    let together: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = items.iter().map(|item| s.spawn(|| ask(item))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let batched = together
+        .iter()
+        .any(|a| a["timing"]["batch_sizes"][0].as_u64().unwrap() > 1);
+    assert!(batched, "no batch formed: {together:?}");
+    (alone, together)
+}
+
 /// (class id, score, [x1, y1, x2, y2]) of each detection in one image's
 /// `/v1/detect` result.
 pub fn detections(result: &serde_json::Value) -> Vec<(u64, f64, [f64; 4])> {
