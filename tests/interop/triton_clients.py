@@ -570,6 +570,28 @@ def check_parameters(c):
     if c.has("grpc"):
         _, got = c.infer_grpc(m, {"pixel_values": x}, ["logits"], priority=1, timeout=60_000_000)
         assert_close("grpc priority+timeout", got["logits"], ref)
+    # Version "1" by name.
+    _, got = c.infer_http(m, {"pixel_values": x}, ["logits"], model_version="1")
+    assert_close("http /versions/1/infer", got["logits"], ref)
+    if c.has("grpc"):
+        _, got = c.infer_grpc(m, {"pixel_values": x}, ["logits"], model_version="1")
+        assert_close("grpc version 1", got["logits"], ref)
+    # Nested JSON data (tritonclient sends it flat).
+    body = json.dumps({"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": list(x.shape),
+                                    "data": x.tolist()}]}).encode()
+    status, _, resp = c.raw("POST", f"/v2/models/{m}/infer", body, {"Content-Type": "application/json"})
+    ensure(status == 200, f"nested JSON data: {status} {resp[:300]!r}")
+    out = {o["name"]: o for o in json.loads(resp)["outputs"]}
+    ensure(out["logits"]["datatype"] == "FP32" and out["logits"]["shape"] == list(ref.shape),
+           f"nested JSON data: {out['logits']['datatype']} {out['logits']['shape']}")
+    assert_close("nested JSON data", np.array(out["logits"]["data"], dtype=np.float32).reshape(ref.shape), ref)
+    # A deadline of 1 microsecond (Triton's `timeout`) has passed before the
+    # image is computed: 504 / DEADLINE_EXCEEDED.
+    expect_error("http timeout=1us", lambda: c.infer_http(m, {"pixel_values": x}, ["logits"], timeout=1),
+                 http_status="504")
+    if c.has("grpc"):
+        expect_error("grpc timeout=1us", lambda: c.infer_grpc(m, {"pixel_values": x}, ["logits"], timeout=1),
+                     grpc_status="StatusCode.DEADLINE_EXCEEDED")
     # Unknown ones are refused.
     expect_error("http unknown parameter",
                  lambda: c.infer_http(m, {"pixel_values": x}, ["logits"], parameters={"bogus": 1}),
