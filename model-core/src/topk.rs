@@ -12,8 +12,13 @@ use std::cmp::Ordering;
 /// `+inf` classes share probability 1); NaN logits give NaN scores, ranked
 /// last.
 pub fn softmax_topk(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
-    let probs = softmax(logits);
-    let mut ranked: Vec<(usize, f32)> = probs.into_iter().enumerate().collect();
+    top_k(&softmax(logits), k)
+}
+
+/// The `k` largest values as `(index, value)`, best first; equal values
+/// keep the lower index first, NaN ranks last. `k` is clamped to the length.
+pub fn top_k(values: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut ranked: Vec<(usize, f32)> = values.iter().copied().enumerate().collect();
     let k = k.min(ranked.len());
     if k == 0 {
         return Vec::new();

@@ -10,6 +10,7 @@ mod network;
 mod postprocess;
 mod registry;
 mod serve;
+mod v2;
 
 use std::process::ExitCode;
 

@@ -215,6 +215,9 @@ pub struct LoadedModel {
     pub decoder: Option<Decoder>,
     pub labels: Arc<Vec<String>>,
     pub source: String,
+    /// Values of one image's raw output at the nominal input size (from
+    /// the warm-up pass: YOLO's anchor count follows from it).
+    pub raw_output_len: usize,
     pub batcher: Batcher<ModelInput, Vec<f32>>,
 }
 
@@ -352,9 +355,10 @@ pub fn load_model(
     let runner = loaded.runner();
     // Warm-up: the first forward pass allocates and initialises; do it
     // before the model is reported ready.
-    runner
+    let warm_up = runner
         .forward(&[ModelInput::zeros(h as usize, w as usize)])
         .map_err(|e| anyhow!("model {:?}: warm-up failed: {e:#}", config.name))?;
+    let raw_output_len = warm_up.first().map_or(0, Vec::len);
 
     let name = config.name.as_str();
     let batch_metrics = BatchMetrics {
@@ -408,6 +412,7 @@ pub fn load_model(
         decoder: network.decoder(),
         labels: loaded.labels,
         source: config.spec.clone(),
+        raw_output_len,
         batcher,
     })
 }

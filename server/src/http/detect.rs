@@ -15,7 +15,9 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::infer::{infer, read_request, ImageResult, Route};
+use super::input::Options;
 use super::AppState;
+use crate::network::Decoder;
 use crate::network::Task;
 use crate::postprocess::{class_filter, detect, detection_json};
 
@@ -49,6 +51,30 @@ pub async fn detect_route(
     let mut model_label = "unknown".to_string();
     let result = handle(&state, uri, headers, body, started, &mut model_label).await;
     ROUTE.answer(&state, &model_label, started, result)
+}
+
+/// The detection options of a request, each checked, with the defaults of
+/// the model's family where the request names none.
+pub fn detect_options(
+    options: &Options,
+    labels: &[String],
+    decoder: Decoder,
+) -> Result<DetectOptions, ApiError> {
+    let classes = match options.list("classes")? {
+        None => None,
+        Some(values) => Some(class_filter(&values, labels).map_err(ApiError::invalid_option)?),
+    };
+    Ok(DetectOptions {
+        confidence: options
+            .number("confidence", 0.0, 1.0)?
+            .map_or_else(|| decoder.default_confidence(), |c| c as f32),
+        iou: options.number("iou", 0.0, 1.0)?.unwrap_or(DEFAULT_IOU) as f32,
+        max_detections: options
+            .integer("max_detections", 1, MAX_DETECTIONS)?
+            .unwrap_or(DEFAULT_MAX_DETECTIONS) as usize,
+        classes,
+        agnostic: options.boolean("agnostic")?.unwrap_or(false),
+    })
 }
 
 /// Does the client want a picture back? Yes when the Accept header ranks
@@ -97,23 +123,7 @@ async fn handle(
         )
     })?;
     let options = &request.options;
-    let classes = match options.list("classes")? {
-        None => None,
-        Some(values) => {
-            Some(class_filter(&values, &model.labels).map_err(ApiError::invalid_option)?)
-        }
-    };
-    let detect_options = DetectOptions {
-        confidence: options
-            .number("confidence", 0.0, 1.0)?
-            .map_or_else(|| decoder.default_confidence(), |c| c as f32),
-        iou: options.number("iou", 0.0, 1.0)?.unwrap_or(DEFAULT_IOU) as f32,
-        max_detections: options
-            .integer("max_detections", 1, MAX_DETECTIONS)?
-            .unwrap_or(DEFAULT_MAX_DETECTIONS) as usize,
-        classes,
-        agnostic: options.boolean("agnostic")?.unwrap_or(false),
-    };
+    let detect_options = detect_options(options, &model.labels, decoder)?;
     // An explicit `render` wins over the Accept header.
     let render_image = options
         .boolean("render")?

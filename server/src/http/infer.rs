@@ -147,19 +147,36 @@ pub async fn infer(
     let preprocess_ms = prep_started.elapsed().as_secs_f64() * 1e3;
 
     let (inputs, metas): (Vec<_>, Vec<_>) = prepared.into_iter().unzip();
-    let receivers = model.batcher.submit(inputs, request.deadline)?;
-    let mut results = Vec::with_capacity(metas.len());
-    let mut timings: Vec<JobTiming> = Vec::with_capacity(metas.len());
-    for (rx, meta) in receivers.into_iter().zip(metas) {
+    let (outputs, mut timing) = run_inputs(model, inputs, request.deadline).await?;
+    timing.preprocess_ms = preprocess_ms;
+    let results = outputs
+        .into_iter()
+        .zip(metas)
+        .map(|(output, meta)| ImageResult { output, ..meta })
+        .collect();
+    Ok((results, timing))
+}
+
+/// Run prepared inputs through the model's batcher and wait for each
+/// one's raw output (in order). `preprocess_ms` is left at zero.
+pub async fn run_inputs(
+    model: &LoadedModel,
+    inputs: Vec<ModelInput>,
+    deadline: Instant,
+) -> Result<(Vec<Vec<f32>>, Timing), ApiError> {
+    let receivers = model.batcher.submit(inputs, deadline)?;
+    let mut outputs = Vec::with_capacity(receivers.len());
+    let mut timings: Vec<JobTiming> = Vec::with_capacity(receivers.len());
+    for rx in receivers {
         // The worker answers expired jobs itself; the timeout here is a
         // safety net should it be stuck in a long forward pass.
-        let safety = (request.deadline + Duration::from_secs(1)).into();
+        let safety = (deadline + Duration::from_secs(1)).into();
         let (output, timing) = match tokio::time::timeout_at(safety, rx).await {
             Err(_) => return Err(ApiError::deadline_exceeded()),
             Ok(Err(_)) => return Err(ApiError::shutting_down()),
             Ok(Ok(result)) => result?,
         };
-        results.push(ImageResult { output, ..meta });
+        outputs.push(output);
         timings.push(timing);
     }
     let longest = |f: fn(&JobTiming) -> Duration| {
@@ -170,17 +187,17 @@ pub async fn infer(
             * 1e3
     };
     let timing = Timing {
-        preprocess_ms,
+        preprocess_ms: 0.0,
         queue_ms: longest(|t| t.queued),
         inference_ms: longest(|t| t.inference),
         batch_sizes: timings.iter().map(|t| t.batch_size).collect(),
     };
-    Ok((results, timing))
+    Ok((outputs, timing))
 }
 
 /// Decode and preprocess every image on the blocking pool, in parallel
 /// with each other and with the model's forward passes.
-async fn preprocess_all(
+pub async fn preprocess_all(
     state: &Arc<AppState>,
     model: &Arc<LoadedModel>,
     images: Vec<Bytes>,

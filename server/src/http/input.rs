@@ -38,6 +38,13 @@ impl Options {
         Ok(Options { values })
     }
 
+    /// Options given as named JSON values (V2 request parameters, gRPC).
+    pub fn from_values(values: impl IntoIterator<Item = (String, Value)>) -> Self {
+        Options {
+            values: values.into_iter().collect(),
+        }
+    }
+
     fn set(&mut self, key: &str, value: Value) {
         self.values.insert(key.to_string(), value);
     }

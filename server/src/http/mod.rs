@@ -1,10 +1,11 @@
 //! The HTTP front end (axum).
 
 mod classify;
-mod detect;
+pub mod detect;
 pub mod error;
-mod infer;
+pub mod infer;
 pub mod input;
+mod v2;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -77,6 +78,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(v2::routes())
         .fallback(not_found)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
