@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::infer::{infer, read_request, Route};
+#[allow(unused_imports)] // read by the OpenAPI derive
+use super::openapi::{Base64Images, ClassifyResponse, ErrorBody};
 use super::AppState;
 use crate::network::Task;
 
@@ -24,6 +26,36 @@ const ROUTE: Route = Route {
 const OPTIONS: &[&str] = &["model", "top_k", "timeout_ms"];
 const DEFAULT_TOP_K: u64 = 5;
 
+/// Classify one or more images.
+#[utoipa::path(
+    method(post, put),
+    path = "/v1/classify",
+    tag = "v1",
+    params(
+        ("model" = Option<String>, Query, description = "Model name; default: the first classifier"),
+        ("top_k" = Option<u32>, Query, description = "Predictions per image (default 5)"),
+        ("timeout_ms" = Option<u64>, Query, description = "Deadline (default: the model's request timeout)"),
+    ),
+    request_body(
+        description = "One encoded image as the body, several as multipart/form-data parts, or JSON with base64 images",
+        content(
+            ("image/jpeg"), ("image/png"), ("image/webp"), ("application/octet-stream"),
+            ("multipart/form-data"),
+            (Base64Images = "application/json")
+        )
+    ),
+    responses(
+        (status = 200, description = "One result per image, in order", body = ClassifyResponse),
+        (status = 400, description = "No image, an image that does not decode, or bad input", body = ErrorBody),
+        (status = 404, description = "No model of that name", body = ErrorBody),
+        (status = 413, description = "Body, image or image count over the limits", body = ErrorBody),
+        (status = 415, description = "Unsupported Content-Type or image format", body = ErrorBody),
+        (status = 422, description = "An invalid option, or a model of the other task", body = ErrorBody),
+        (status = 429, description = "The model's queue is full (Retry-After)", body = ErrorBody),
+        (status = 503, description = "Loading models or shutting down", body = ErrorBody),
+        (status = 504, description = "The deadline passed before the images were computed", body = ErrorBody),
+    )
+)]
 pub async fn classify(
     State(state): State<Arc<AppState>>,
     uri: Uri,

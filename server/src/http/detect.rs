@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::infer::{infer, read_request, ImageResult, Route};
 use super::input::Options;
+#[allow(unused_imports)] // read by the OpenAPI derive
+use super::openapi::{Base64Images, DetectResponse, ErrorBody};
 use super::AppState;
 use crate::network::Decoder;
 use crate::network::Task;
@@ -41,6 +43,42 @@ const DEFAULT_MAX_DETECTIONS: u64 = 300;
 const MAX_DETECTIONS: u64 = 10_000;
 const JPEG_QUALITY: u8 = 90;
 
+/// Detect objects in one or more images; or draw them on one image.
+#[utoipa::path(
+    method(post, put),
+    path = "/v1/detect",
+    tag = "v1",
+    params(
+        ("model" = Option<String>, Query, description = "Model name; default: the first detector"),
+        ("confidence" = Option<f32>, Query, description = "Lowest score kept (default: YOLO 0.25, DETR 0.5)"),
+        ("iou" = Option<f32>, Query, description = "NMS IoU threshold (YOLO; default 0.45)"),
+        ("max_detections" = Option<u32>, Query, description = "Per image (default 300)"),
+        ("classes" = Option<String>, Query, description = "Comma-separated class names or ids"),
+        ("agnostic" = Option<bool>, Query, description = "NMS across classes (YOLO)"),
+        ("render" = Option<bool>, Query, description = "Answer the image with the boxes drawn (JPEG)"),
+        ("timeout_ms" = Option<u64>, Query, description = "Deadline (default: the model's request timeout)"),
+    ),
+    request_body(
+        description = "One encoded image as the body, several as multipart/form-data parts, or JSON with base64 images",
+        content(
+            ("image/jpeg"), ("image/png"), ("image/webp"), ("application/octet-stream"),
+            ("multipart/form-data"),
+            (Base64Images = "application/json")
+        )
+    ),
+    responses(
+        (status = 200, description = "Boxes per image, in order; or the drawn JPEG (`render=true` or `Accept: image/jpeg`)",
+            content((DetectResponse = "application/json"), ("image/jpeg"))),
+        (status = 400, description = "No image, an image that does not decode, or bad input", body = ErrorBody),
+        (status = 404, description = "No model of that name", body = ErrorBody),
+        (status = 413, description = "Body, image or image count over the limits", body = ErrorBody),
+        (status = 415, description = "Unsupported Content-Type or image format", body = ErrorBody),
+        (status = 422, description = "An invalid option, or a model of the other task", body = ErrorBody),
+        (status = 429, description = "The model's queue is full (Retry-After)", body = ErrorBody),
+        (status = 503, description = "Loading models or shutting down", body = ErrorBody),
+        (status = 504, description = "The deadline passed before the images were computed", body = ErrorBody),
+    )
+)]
 pub async fn detect_route(
     State(state): State<Arc<AppState>>,
     uri: Uri,

@@ -10,15 +10,18 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::input::read_body;
+use super::openapi::V2ErrorBody;
 use super::AppState;
 use crate::registry::LoadedModel;
 use crate::v2::infer::{infer, InferRequest, RequestedOutput};
@@ -30,26 +33,17 @@ const HEADER_LENGTH: &str = "inference-header-content-length";
 /// The metric label of every V2 inference.
 const INFER_ROUTE: &str = "/v2/models/infer";
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(live))
-        .route("/v2/health/ready", get(ready))
-        .route("/v2/models/{name}", get(model_metadata))
-        .route(
-            "/v2/models/{name}/versions/{version}",
-            get(model_metadata_at),
-        )
-        .route("/v2/models/{name}/ready", get(model_ready))
-        .route(
-            "/v2/models/{name}/versions/{version}/ready",
-            get(model_ready_at),
-        )
-        .route("/v2/models/{name}/infer", post(model_infer))
-        .route(
-            "/v2/models/{name}/versions/{version}/infer",
-            post(model_infer_at),
-        )
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(server_metadata))
+        .routes(routes!(live))
+        .routes(routes!(ready))
+        .routes(routes!(model_metadata))
+        .routes(routes!(model_metadata_at))
+        .routes(routes!(model_ready))
+        .routes(routes!(model_ready_at))
+        .routes(routes!(model_infer))
+        .routes(routes!(model_infer_at))
 }
 
 /// An error as the protocol answers it: `{"error": "message"}`. Every
@@ -90,10 +84,17 @@ fn bad(message: impl Into<String>) -> V2Error {
     V2Error(ApiError::bad_request(message))
 }
 
+/// Server liveness.
+#[utoipa::path(get, path = "/v2/health/live", tag = "v2", responses((status = 200, description = "`{\"live\": true}`")))]
 async fn live() -> Json<Value> {
     Json(json!({"live": true}))
 }
 
+/// Server readiness: every model loaded.
+#[utoipa::path(get, path = "/v2/health/ready", tag = "v2", responses(
+    (status = 200, description = "`{\"ready\": true}`"),
+    (status = 503, description = "Loading models or shutting down", body = V2ErrorBody),
+))]
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     match state.serving() {
         Ok(_) => Json(json!({"ready": true})).into_response(),
@@ -101,6 +102,8 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// Server metadata: name, version, the protocol extensions supported.
+#[utoipa::path(get, path = "/v2", tag = "v2", responses((status = 200, description = "`{name, version, extensions}`")))]
 async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": protocol::SERVER_NAME,
@@ -139,6 +142,12 @@ fn tensor_json(specs: Vec<TensorSpec>) -> Vec<Value> {
         .collect()
 }
 
+/// Model metadata.
+#[utoipa::path(get, path = "/v2/models/{name}", tag = "v2", params(("name" = String, Path, description = "Model name")), responses(
+    (status = 200, description = "Inputs and outputs with datatypes and shapes (-1: variable)"),
+    (status = 404, description = "No such model or version", body = V2ErrorBody),
+    (status = 503, description = "Loading models", body = V2ErrorBody),
+))]
 async fn model_metadata(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -146,6 +155,12 @@ async fn model_metadata(
     metadata(&state, &name, "")
 }
 
+/// Model metadata at a version.
+#[utoipa::path(get, path = "/v2/models/{name}/versions/{version}", tag = "v2", params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Model version (each model has one: \"1\")")), responses(
+    (status = 200, description = "Inputs and outputs with datatypes and shapes (-1: variable)"),
+    (status = 404, description = "No such model or version", body = V2ErrorBody),
+    (status = 503, description = "Loading models", body = V2ErrorBody),
+))]
 async fn model_metadata_at(
     State(state): State<Arc<AppState>>,
     Path((name, version)): Path<(String, String)>,
@@ -164,6 +179,12 @@ fn metadata(state: &AppState, name: &str, version: &str) -> Result<Json<Value>, 
     })))
 }
 
+/// Model readiness.
+#[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "v2", params(("name" = String, Path, description = "Model name")), responses(
+    (status = 200, description = "`{name, ready: true}`"),
+    (status = 404, description = "No such model or version", body = V2ErrorBody),
+    (status = 503, description = "Loading models or shutting down", body = V2ErrorBody),
+))]
 async fn model_ready(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -171,6 +192,12 @@ async fn model_ready(
     readiness(&state, &name, "")
 }
 
+/// Model readiness at a version.
+#[utoipa::path(get, path = "/v2/models/{name}/versions/{version}/ready", tag = "v2", params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Model version (each model has one: \"1\")")), responses(
+    (status = 200, description = "`{name, ready: true}`"),
+    (status = 404, description = "No such model or version", body = V2ErrorBody),
+    (status = 503, description = "Loading models or shutting down", body = V2ErrorBody),
+))]
 async fn model_ready_at(
     State(state): State<Arc<AppState>>,
     Path((name, version)): Path<(String, String)>,
@@ -185,6 +212,21 @@ fn readiness(state: &AppState, name: &str, version: &str) -> Result<Json<Value>,
     Ok(Json(json!({"name": model.name, "ready": true})))
 }
 
+/// Inference.
+#[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "v2", params(("name" = String, Path, description = "Model name"), ("Inference-Header-Content-Length" = Option<u64>, Header, description = "Length of the JSON part when binary data follows")), request_body(
+        description = "JSON, or with the binary tensor data extension: the JSON header (its length in `Inference-Header-Content-Length`) followed by the inputs' raw little-endian data",
+        content((RestRequest = "application/json"), ("application/octet-stream"))
+    ),
+    responses(
+        (status = 200, description = "Outputs; binary ones after the JSON header (`Inference-Header-Content-Length`)",
+            content((RestResponse = "application/json"), ("application/octet-stream"))),
+        (status = 400, description = "Bad input: datatype, shape, data, parameters", body = V2ErrorBody),
+        (status = 404, description = "No such model or version", body = V2ErrorBody),
+        (status = 413, description = "Body or batch over the limits", body = V2ErrorBody),
+        (status = 429, description = "The model's queue is full (Retry-After)", body = V2ErrorBody),
+        (status = 503, description = "Loading models or shutting down", body = V2ErrorBody),
+        (status = 504, description = "The deadline passed before the inputs were computed", body = V2ErrorBody),
+    ))]
 async fn model_infer(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
@@ -194,6 +236,21 @@ async fn model_infer(
     infer_answer(state, name, String::new(), headers, body).await
 }
 
+/// Inference at a version.
+#[utoipa::path(post, path = "/v2/models/{name}/versions/{version}/infer", tag = "v2", params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Model version (each model has one: \"1\")"), ("Inference-Header-Content-Length" = Option<u64>, Header, description = "Length of the JSON part when binary data follows")), request_body(
+        description = "JSON, or with the binary tensor data extension: the JSON header (its length in `Inference-Header-Content-Length`) followed by the inputs' raw little-endian data",
+        content((RestRequest = "application/json"), ("application/octet-stream"))
+    ),
+    responses(
+        (status = 200, description = "Outputs; binary ones after the JSON header (`Inference-Header-Content-Length`)",
+            content((RestResponse = "application/json"), ("application/octet-stream"))),
+        (status = 400, description = "Bad input: datatype, shape, data, parameters", body = V2ErrorBody),
+        (status = 404, description = "No such model or version", body = V2ErrorBody),
+        (status = 413, description = "Body or batch over the limits", body = V2ErrorBody),
+        (status = 429, description = "The model's queue is full (Retry-After)", body = V2ErrorBody),
+        (status = 503, description = "Loading models or shutting down", body = V2ErrorBody),
+        (status = 504, description = "The deadline passed before the inputs were computed", body = V2ErrorBody),
+    ))]
 async fn model_infer_at(
     State(state): State<Arc<AppState>>,
     Path((name, version)): Path<(String, String)>,
@@ -224,37 +281,50 @@ async fn infer_answer(
     response
 }
 
-#[derive(Deserialize)]
+/// An inference request.
+#[derive(Deserialize, ToSchema)]
 struct RestRequest {
     #[serde(default)]
     id: Option<String>,
+    /// Fovea's: confidence, iou, max_detections, classes, agnostic,
+    /// timeout_ms; the protocol's: binary_data_output, timeout (µs), ...
     #[serde(default)]
+    #[schema(value_type = Object)]
     parameters: BTreeMap<String, Value>,
     inputs: Vec<RestInput>,
     #[serde(default)]
     outputs: Option<Vec<RestOutput>>,
 }
 
-#[derive(Deserialize)]
+/// An input tensor: `pixel_values` (FP32), DETR's `pixel_mask`, or
+/// `images` (BYTES: encoded images; base64 strings in JSON).
+#[derive(Deserialize, ToSchema)]
 struct RestInput {
     name: String,
     shape: Vec<i64>,
     datatype: String,
+    /// `binary_data_size`: this input's bytes in the binary part.
     #[serde(default)]
+    #[schema(value_type = Object)]
     parameters: BTreeMap<String, Value>,
+    /// Nested row-major or flat.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
     data: Option<Value>,
 }
 
-#[derive(Deserialize)]
+/// An output asked for.
+#[derive(Deserialize, ToSchema)]
 struct RestOutput {
     name: String,
+    /// `binary_data` (bool), `classification` (N best classes).
     #[serde(default)]
+    #[schema(value_type = Object)]
     parameters: BTreeMap<String, Value>,
 }
 
 /// Output data in JSON: f32 values keep their shortest exact form.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(untagged)]
 enum JsonData {
     Fp32(Vec<f32>),
@@ -262,18 +332,22 @@ enum JsonData {
     Text(Vec<String>),
 }
 
-#[derive(Serialize)]
+/// An output tensor; with `binary_data_size` in its parameters, its data
+/// is in the binary part.
+#[derive(Serialize, ToSchema)]
 struct RestOutputTensor {
     name: String,
     datatype: &'static str,
     shape: Vec<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     parameters: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<JsonData>,
 }
 
-#[derive(Serialize)]
+/// An inference response.
+#[derive(Serialize, ToSchema)]
 struct RestResponse {
     model_name: String,
     model_version: &'static str,
