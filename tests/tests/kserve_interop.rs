@@ -130,24 +130,23 @@ fn triton_clients_interoperate() {
         ),
     )
     .unwrap();
-    let main = Server::start(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--grpc-addr",
-        "127.0.0.1:0",
-    ]);
-    let small = Server::start(&[
-        "--model",
-        &format!("cls={classifier}"),
-        "--max-batch-size",
-        "1",
-        "--max-queue-delay-ms",
-        "0",
-        "--queue-capacity",
-        &SMALL_QUEUE.to_string(),
-        "--grpc-addr",
-        "127.0.0.1:0",
-    ]);
+    // gRPC on a free loopback port, through the environment so that the
+    // flag stays free for the harness to set (a flag wins over the variable).
+    let grpc_env = [("FOVEA_GRPC_ADDR", "127.0.0.1:0")];
+    let main = Server::start_with_env(&["--config", config.to_str().unwrap()], &grpc_env);
+    let small = Server::start_with_env(
+        &[
+            "--model",
+            &format!("cls={classifier}"),
+            "--max-batch-size",
+            "1",
+            "--max-queue-delay-ms",
+            "0",
+            "--queue-capacity",
+            &SMALL_QUEUE.to_string(),
+        ],
+        &grpc_env,
+    );
 
     let mut cmd = Command::new(python());
     cmd.arg(repo_root().join("tests/interop/triton_clients.py"))
