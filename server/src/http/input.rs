@@ -38,6 +38,16 @@ impl Options {
         Ok(Options { values })
     }
 
+    /// Options given as typed values (gRPC fields) rather than text.
+    pub fn from_values<'a>(values: impl IntoIterator<Item = (&'a str, Value)>) -> Self {
+        Options {
+            values: values
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }
+    }
+
     fn set(&mut self, key: &str, value: Value) {
         self.values.insert(key.to_string(), value);
     }

@@ -1,9 +1,9 @@
 //! The HTTP front end (axum).
 
-mod classify;
-mod detect;
+pub mod classify;
+pub mod detect;
 pub mod error;
-mod infer;
+pub mod infer;
 pub mod input;
 
 use std::sync::atomic::{AtomicBool, Ordering};
