@@ -104,13 +104,14 @@ def run(args, root, procs):
         env.pop(k, None)
     cmd = [os.path.abspath(args.fovea), "serve", "--config", os.path.join(args.render, "fovea-cpu.toml"),
            "--model", f"tiny=efficientnet_b0:{os.path.join(root, TINY_MODEL)}",
-           "--home", os.path.join(work, "home"), "--http-addr", "127.0.0.1:0", "--no-pull"]
+           "--home", os.path.join(work, "home"), "--http-addr", "127.0.0.1:0",
+           "--grpc-addr", "127.0.0.1:0", "--no-pull"]
     fovea = subprocess.Popen(cmd, stdout=fovea_log, stderr=subprocess.STDOUT, env=env, cwd=work)
     procs.append((fovea, "fovea"))
 
     def listening():
         fovea_log.seek(0)
-        m = re.search(r"listening.*addr=(\S+)", fovea_log.read())
+        m = re.search(r"(?<!grpc )listening.*addr=(\S+)", fovea_log.read())
         return m and m.group(1)
 
     addr = wait_for("fovea to listen", listening, 60, [(fovea, "fovea")])

@@ -49,6 +49,9 @@ pub struct ServeArgs {
     /// HTTP listen address [default: 0.0.0.0:8080].
     #[arg(long, env = "FOVEA_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
+    /// gRPC listen address [default: 0.0.0.0:8081].
+    #[arg(long, env = "FOVEA_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
     /// A model to serve, NAME=SPEC (repeatable; the environment takes a comma-separated list).
     /// SPEC is a catalog or store name, a .safetensors file or model directory, optionally
     /// prefixed by the architecture (resnet50:path). [default: efficientnet-lite0 and yolov5s]
@@ -83,6 +86,9 @@ pub struct ServeArgs {
     /// Largest request body in bytes [default: 33554432].
     #[arg(long, env = "FOVEA_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Largest gRPC message in bytes, received or sent [default: the largest request body].
+    #[arg(long, env = "FOVEA_GRPC_MAX_MESSAGE_BYTES")]
+    pub grpc_max_message_bytes: Option<usize>,
     /// Largest image in pixels (width x height), checked before decoding [default: 40000000].
     #[arg(long, env = "FOVEA_MAX_IMAGE_PIXELS")]
     pub max_image_pixels: Option<u64>,

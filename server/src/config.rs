@@ -22,6 +22,8 @@ pub const DEFAULT_MODELS: [&str; 2] = [DEFAULT_MODEL, DEFAULT_DETECTION_MODEL];
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub http_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub grpc_max_message_bytes: Option<usize>,
     pub device: Option<String>,
     pub dtype: Option<String>,
     pub home: Option<PathBuf>,
@@ -90,6 +92,9 @@ pub struct ModelConfig {
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    /// Largest gRPC message, decoded or encoded.
+    pub grpc_max_message_bytes: usize,
     pub device: String,
     pub dtype: String,
     pub home: PathBuf,
@@ -247,6 +252,14 @@ impl ServeConfig {
                 .http_addr
                 .or(file.http_addr)
                 .unwrap_or_else(|| "0.0.0.0:8080".parse().expect("valid address")),
+            grpc_addr: args
+                .grpc_addr
+                .or(file.grpc_addr)
+                .unwrap_or_else(|| "0.0.0.0:8081".parse().expect("valid address")),
+            grpc_max_message_bytes: args
+                .grpc_max_message_bytes
+                .or(file.grpc_max_message_bytes)
+                .unwrap_or(limits.max_body_bytes),
             device: args
                 .device
                 .clone()
@@ -338,7 +351,43 @@ mod tests {
         assert_eq!(c.models[0].name, DEFAULT_MODEL);
         assert_eq!(c.models[1].name, DEFAULT_DETECTION_MODEL);
         assert_eq!(c.http_addr.port(), 8080);
+        assert_eq!(c.grpc_addr.port(), 8081);
+        assert_eq!(c.grpc_max_message_bytes, c.limits.max_body_bytes);
         assert_eq!(c.models[0].batching.max_batch_size, 8);
+    }
+
+    #[test]
+    fn grpc_settings_from_the_file_and_flags() {
+        let file = || -> FileConfig {
+            toml::from_str(
+                r#"
+                grpc_addr = "127.0.0.1:9001"
+                grpc_max_message_bytes = 1000
+                [limits]
+                max_body_bytes = 5000
+                "#,
+            )
+            .unwrap()
+        };
+        let c = ServeConfig::merge(&args(&[]), file()).unwrap();
+        assert_eq!(c.grpc_addr.port(), 9001);
+        assert_eq!(c.grpc_max_message_bytes, 1000);
+        let c = ServeConfig::merge(
+            &args(&[
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--grpc-max-message-bytes",
+                "77",
+            ]),
+            file(),
+        )
+        .unwrap();
+        assert_eq!(c.grpc_addr.port(), 0);
+        assert_eq!(c.grpc_max_message_bytes, 77);
+        // Unset, the message limit follows the body limit.
+        let c =
+            ServeConfig::merge(&args(&["--max-body-bytes", "123"]), FileConfig::default()).unwrap();
+        assert_eq!(c.grpc_max_message_bytes, 123);
     }
 
     #[test]

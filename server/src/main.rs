@@ -4,6 +4,7 @@ mod batcher;
 mod cli;
 mod commands;
 mod config;
+mod grpc;
 mod http;
 mod metrics;
 mod network;

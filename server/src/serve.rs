@@ -1,4 +1,5 @@
-//! `fovea serve`: load the models, answer HTTP, shut down gracefully.
+//! `fovea serve`: load the models, answer HTTP and gRPC, shut down
+//! gracefully.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use tokio::sync::Notify;
 
 use crate::cli::ServeArgs;
 use crate::config::ServeConfig;
+use crate::grpc;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::registry::{self, Registry};
@@ -24,6 +26,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.http_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding {}", config.grpc_addr))?;
+    tracing::info!(addr = %grpc_listener.local_addr()?, "grpc listening");
+    let grpc = grpc::services(&state, config.grpc_max_message_bytes).await?;
+    let health = Arc::new(grpc.health);
 
     // Models load in the background: /healthz answers meanwhile and
     // /readyz turns ready when all are loaded and warmed up.
@@ -44,19 +52,37 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
     };
 
+    // One signal, two servers: each stops taking new work when it comes.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        }
+    };
     let signalled = Arc::new(Notify::new());
     let shutdown = {
         let state = state.clone();
         let signalled = signalled.clone();
+        let health = health.clone();
         async move {
             wait_for_signal().await;
             tracing::info!("shutting down: refusing new work, finishing what is in flight");
             state.shutting_down.store(true, Ordering::SeqCst);
+            health.stopping().await;
+            let _ = stop_tx.send(true);
             signalled.notify_waiters();
         }
     };
-    let server =
-        axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(shutdown);
+    tokio::spawn(shutdown);
+    let http_server =
+        axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(stopped());
+    let grpc_server = grpc::serve(grpc_listener, grpc.routes, stopped());
+    let servers = async {
+        tokio::try_join!(async { http_server.await.context("HTTP server") }, async {
+            grpc_server.await.context("gRPC server")
+        },)
+    };
     let timeout = config.shutdown_timeout;
     let drain_limit = async move {
         signalled.notified().await;
@@ -64,17 +90,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let load_failed = async {
         match loader.await {
-            Ok(Ok(())) => std::future::pending::<anyhow::Error>().await,
+            Ok(Ok(())) => {
+                health.ready().await;
+                std::future::pending::<anyhow::Error>().await
+            }
             Ok(Err(e)) => e,
             Err(e) => anyhow::anyhow!("model loading panicked: {e}"),
         }
     };
     tokio::select! {
-        result = server => result.context("HTTP server")?,
+        result = servers => {
+            result?;
+        }
         _ = drain_limit => tracing::warn!(timeout_s = timeout.as_secs(), "shutdown timed out with requests in flight"),
         e = load_failed => return Err(e),
     }
-    // No connection is left: let each batcher finish its queue.
+    // Neither server has a call left: let each batcher finish its queue.
     if let Some(registry) = state.registry.get() {
         registry.shutdown();
     }

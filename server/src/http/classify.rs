@@ -13,10 +13,12 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::infer::{infer, read_request, Route};
+use super::input::Options;
 #[allow(unused_imports)] // read by the OpenAPI derive
 use super::openapi::{Base64Images, ClassifyResponse, ErrorBody};
 use super::AppState;
 use crate::network::Task;
+use crate::registry::LoadedModel;
 
 const ROUTE: Route = Route {
     path: "/v1/classify",
@@ -25,6 +27,33 @@ const ROUTE: Route = Route {
 };
 const OPTIONS: &[&str] = &["model", "top_k", "timeout_ms"];
 const DEFAULT_TOP_K: u64 = 5;
+
+/// The `top_k` option: 1 to the model's classes, 5 (or fewer classes) unset.
+pub fn top_k(options: &Options, model: &LoadedModel) -> Result<usize, ApiError> {
+    let classes = model.num_classes as u64;
+    Ok(options
+        .integer("top_k", 1, classes)?
+        .unwrap_or(DEFAULT_TOP_K.min(classes)) as usize)
+}
+
+/// One class of an image's answer.
+pub struct Prediction<'a> {
+    pub class_id: usize,
+    pub label: &'a str,
+    pub score: f32,
+}
+
+/// The `top_k` likeliest classes of a classifier's logits, best first.
+pub fn predictions<'a>(logits: &[f32], top_k: usize, labels: &'a [String]) -> Vec<Prediction<'a>> {
+    softmax_topk(logits, top_k)
+        .into_iter()
+        .map(|(class_id, score)| Prediction {
+            class_id,
+            label: labels.get(class_id).map(String::as_str).unwrap_or(""),
+            score,
+        })
+        .collect()
+}
 
 /// Classify one or more images.
 #[utoipa::path(
@@ -83,25 +112,16 @@ async fn handle(
 ) -> Result<Json<Value>, ApiError> {
     let request = read_request(state, &ROUTE, uri, &headers, body, started, model_label).await?;
     let model = request.model.clone();
-    let top_k = request
-        .options
-        .integer("top_k", 1, model.num_classes as u64)?
-        .unwrap_or(DEFAULT_TOP_K.min(model.num_classes as u64)) as usize;
+    let top_k = top_k(&request.options, &model)?;
 
     let count = request.images.len();
     let (images, timing) = infer(state, request, false).await?;
     let results: Vec<Value> = images
         .iter()
         .map(|image| {
-            let predictions: Vec<Value> = softmax_topk(&image.output, top_k)
+            let predictions: Vec<Value> = predictions(&image.output, top_k, &model.labels)
                 .into_iter()
-                .map(|(class_id, score)| {
-                    json!({
-                        "class_id": class_id,
-                        "label": model.labels.get(class_id).map(String::as_str).unwrap_or(""),
-                        "score": score,
-                    })
-                })
+                .map(|p| json!({"class_id": p.class_id, "label": p.label, "score": p.score}))
                 .collect();
             json!({ "predictions": predictions })
         })

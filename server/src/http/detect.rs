@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use fovea_model_core::detection::DetectOptions;
+use fovea_model_core::detection::{DetectOptions, Detection};
 use fovea_model_core::render::{encode_jpeg, render};
 use serde_json::{json, Value};
 
@@ -19,9 +19,9 @@ use super::input::Options;
 #[allow(unused_imports)] // read by the OpenAPI derive
 use super::openapi::{Base64Images, DetectResponse, ErrorBody};
 use super::AppState;
-use crate::network::Decoder;
-use crate::network::Task;
+use crate::network::{Decoder, Task};
 use crate::postprocess::{class_filter, detect, detection_json};
+use crate::registry::LoadedModel;
 
 const ROUTE: Route = Route {
     path: "/v1/detect",
@@ -91,30 +91,6 @@ pub async fn detect_route(
     ROUTE.answer(&state, &model_label, started, result)
 }
 
-/// The detection options of a request, each checked, with the defaults of
-/// the model's family where the request names none.
-pub fn detect_options(
-    options: &Options,
-    labels: &[String],
-    decoder: Decoder,
-) -> Result<DetectOptions, ApiError> {
-    let classes = match options.list("classes")? {
-        None => None,
-        Some(values) => Some(class_filter(&values, labels).map_err(ApiError::invalid_option)?),
-    };
-    Ok(DetectOptions {
-        confidence: options
-            .number("confidence", 0.0, 1.0)?
-            .map_or_else(|| decoder.default_confidence(), |c| c as f32),
-        iou: options.number("iou", 0.0, 1.0)?.unwrap_or(DEFAULT_IOU) as f32,
-        max_detections: options
-            .integer("max_detections", 1, MAX_DETECTIONS)?
-            .unwrap_or(DEFAULT_MAX_DETECTIONS) as usize,
-        classes,
-        agnostic: options.boolean("agnostic")?.unwrap_or(false),
-    })
-}
-
 /// Does the client want a picture back? Yes when the Accept header ranks
 /// `image/jpeg` (or `image/*`) above JSON: by q-value, JSON winning ties and
 /// `*/*` counting as JSON, the default answer.
@@ -153,17 +129,10 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     let request = read_request(state, &ROUTE, uri, &headers, body, started, model_label).await?;
     let model = request.model.clone();
-    let decoder = model.decoder.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "a detection model without a decoder",
-        )
-    })?;
-    let options = &request.options;
-    let detect_options = detect_options(options, &model.labels, decoder)?;
+    let detect_options = detect_options(&request.options, &model)?;
     // An explicit `render` wins over the Accept header.
-    let render_image = options
+    let render_image = request
+        .options
         .boolean("render")?
         .unwrap_or_else(|| wants_image(&headers));
     let count = request.images.len();
@@ -174,56 +143,33 @@ async fn handle(
     }
 
     let (images, timing) = infer(state, request, render_image).await?;
-    let labels = model.labels.clone();
-    let histogram = state
-        .metrics
-        .detections_per_image
-        .with_label_values(&[&model.name]);
-    // NMS and drawing are CPU work: off the async workers.
-    let answer = tokio::task::spawn_blocking(move || -> anyhow::Result<Answer> {
-        let mut per_image = Vec::with_capacity(images.len());
-        for image in &images {
-            let found = detect(
-                &image.output,
-                decoder,
-                image.letterbox.as_ref(),
-                (image.width, image.height),
-                &detect_options,
-            )?;
-            histogram.observe(found.len() as f64);
-            per_image.push(found);
-        }
-        if render_image {
-            let ImageResult { decoded, .. } = &images[0];
-            let decoded = decoded.as_ref().expect("kept for drawing");
-            let jpeg = encode_jpeg(&render(decoded, &per_image[0], &labels), JPEG_QUALITY);
-            return Ok(Answer::Image {
-                jpeg,
-                detections: per_image[0].len(),
-            });
-        }
+    let (mut images, per_image) = detect_all(state, &model, images, detect_options).await?;
+    let answer = if render_image {
+        let decoded = images.swap_remove(0).decoded.expect("kept for drawing");
+        let found = per_image.into_iter().next().unwrap_or_default();
+        let detections = found.len();
+        let labels = model.labels.clone();
+        // Drawing is CPU work: off the async workers.
+        let jpeg = tokio::task::spawn_blocking(move || {
+            encode_jpeg(&render(&decoded, &found, &labels), JPEG_QUALITY)
+        })
+        .await
+        .map_err(|e| postprocess_failed(&model.name, e))?;
+        Answer::Image { jpeg, detections }
+    } else {
         let results: Vec<Value> = images
             .iter()
             .zip(&per_image)
             .map(|(image, found)| {
-                let detections: Vec<Value> =
-                    found.iter().map(|d| detection_json(d, &labels)).collect();
+                let detections: Vec<Value> = found
+                    .iter()
+                    .map(|d| detection_json(d, &model.labels))
+                    .collect();
                 json!({"width": image.width, "height": image.height, "detections": detections})
             })
             .collect();
-        Ok(Answer::Json(results))
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}"))
-    .and_then(|answer| answer)
-    .map_err(|e| {
-        tracing::error!(model = %model.name, "postprocessing failed: {e:#}");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "postprocessing failed",
-        )
-    })?;
+        Answer::Json(results)
+    };
 
     tracing::info!(
         route = ROUTE.path,
@@ -256,6 +202,84 @@ async fn handle(
         }))
         .into_response(),
     })
+}
+
+/// The detection options of a request (`confidence`, `iou`,
+/// `max_detections`, `classes`, `agnostic`), checked, with the defaults
+/// filled in.
+pub fn detect_options(options: &Options, model: &LoadedModel) -> Result<DetectOptions, ApiError> {
+    let decoder = decoder(model)?;
+    let classes = match options.list("classes")? {
+        None => None,
+        Some(values) => {
+            Some(class_filter(&values, &model.labels).map_err(ApiError::invalid_option)?)
+        }
+    };
+    Ok(DetectOptions {
+        confidence: options
+            .number("confidence", 0.0, 1.0)?
+            .map_or_else(|| decoder.default_confidence(), |c| c as f32),
+        iou: options.number("iou", 0.0, 1.0)?.unwrap_or(DEFAULT_IOU) as f32,
+        max_detections: options
+            .integer("max_detections", 1, MAX_DETECTIONS)?
+            .unwrap_or(DEFAULT_MAX_DETECTIONS) as usize,
+        classes,
+        agnostic: options.boolean("agnostic")?.unwrap_or(false),
+    })
+}
+
+fn decoder(model: &LoadedModel) -> Result<Decoder, ApiError> {
+    model.decoder.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "a detection model without a decoder",
+        )
+    })
+}
+
+/// The detections of every image (NMS or DETR's threshold, boxes mapped
+/// back to the original pixels), counted in the detections histogram. The
+/// images come back alongside, for their sizes and for drawing.
+pub async fn detect_all(
+    state: &AppState,
+    model: &Arc<LoadedModel>,
+    images: Vec<ImageResult>,
+    options: DetectOptions,
+) -> Result<(Vec<ImageResult>, Vec<Vec<Detection>>), ApiError> {
+    let decoder = decoder(model)?;
+    let histogram = state
+        .metrics
+        .detections_per_image
+        .with_label_values(&[&model.name]);
+    // NMS is CPU work: off the async workers.
+    tokio::task::spawn_blocking(move || {
+        let mut per_image = Vec::with_capacity(images.len());
+        for image in &images {
+            let found = detect(
+                &image.output,
+                decoder,
+                image.letterbox.as_ref(),
+                (image.width, image.height),
+                &options,
+            )?;
+            histogram.observe(found.len() as f64);
+            per_image.push(found);
+        }
+        Ok::<_, anyhow::Error>((images, per_image))
+    })
+    .await
+    .map_err(|e| postprocess_failed(&model.name, e))?
+    .map_err(|e| postprocess_failed(&model.name, e))
+}
+
+fn postprocess_failed(model: &str, e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(model, "postprocessing failed: {e:#}");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "postprocessing failed",
+    )
 }
 
 enum Answer {

@@ -19,7 +19,7 @@ use super::input::{parse_request, read_body, Options};
 use super::AppState;
 use crate::batcher::JobTiming;
 use crate::network::{ModelInput, Task};
-use crate::registry::{LoadedModel, Lookup};
+use crate::registry::{LoadedModel, Lookup, Registry};
 
 /// What a route serves: its path (a metric label), task and options.
 pub struct Route {
@@ -68,11 +68,48 @@ pub async fn read_request(
     started: Instant,
     model_label: &mut String,
 ) -> Result<Request, ApiError> {
+    // Taken before the body: a request being read when shutdown begins is
+    // still answered.
     let registry = state.serving()?.clone();
     let options = Options::from_query(uri.query())?;
     let body = read_body(headers, body, state.limits.max_body_bytes).await?;
     let request = parse_request(headers, body, options).await?;
-    let options = request.options;
+    let deadline = Deadline {
+        started,
+        latest: None,
+    };
+    prepare(
+        state,
+        &registry,
+        route,
+        request.options,
+        request.images,
+        deadline,
+        model_label,
+    )
+}
+
+/// When a request started, and the transport's own deadline if it has one
+/// (gRPC's `grpc-timeout`).
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    pub started: Instant,
+    pub latest: Option<Instant>,
+}
+
+/// What every front end (HTTP, gRPC) does with a request once read: check
+/// its options against the route's, pick the model for the task, set the
+/// deadline (`timeout_ms`, else the model's request timeout, and never
+/// later than the transport's own deadline) and count the images.
+pub fn prepare(
+    state: &AppState,
+    registry: &Registry,
+    route: &Route,
+    options: Options,
+    images: Vec<Bytes>,
+    deadline: Deadline,
+    model_label: &mut String,
+) -> Result<Request, ApiError> {
     options.check_known(route.options)?;
 
     let name = options.string("model")?;
@@ -88,8 +125,9 @@ pub async fn read_request(
         .integer("timeout_ms", 1, 3_600_000)?
         .map(Duration::from_millis)
         .unwrap_or(model.settings().request_timeout);
+    let own_deadline = deadline.started + timeout;
 
-    let count = request.images.len();
+    let count = images.len();
     if count > state.limits.max_images_per_request {
         return Err(ApiError::payload_too_large(format!(
             "{count} images in one request; at most {} are accepted",
@@ -99,8 +137,10 @@ pub async fn read_request(
     Ok(Request {
         model,
         options,
-        images: request.images,
-        deadline: started + timeout,
+        images,
+        deadline: deadline
+            .latest
+            .map_or(own_deadline, |latest| latest.min(own_deadline)),
     })
 }
 

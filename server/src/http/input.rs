@@ -38,10 +38,13 @@ impl Options {
         Ok(Options { values })
     }
 
-    /// Options given as named JSON values (V2 request parameters, gRPC).
-    pub fn from_values(values: impl IntoIterator<Item = (String, Value)>) -> Self {
+    /// Options given as typed values (gRPC fields) rather than text.
+    pub fn from_values<'a>(values: impl IntoIterator<Item = (&'a str, Value)>) -> Self {
         Options {
-            values: values.into_iter().collect(),
+            values: values
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
         }
     }
 

@@ -1,6 +1,6 @@
 //! The HTTP front end (axum).
 
-mod classify;
+pub mod classify;
 pub mod detect;
 pub mod error;
 pub mod infer;

@@ -11,13 +11,13 @@ use serde_json::{json, Value};
 
 use super::tensor::{DataType, InputTensor, OutputTensor, TensorData};
 use super::{raw_outputs, DETECTIONS, IMAGES, PIXEL_MASK, PIXEL_VALUES};
-use crate::http::detect::detect_options;
+use crate::http::detect::{detect_all, detect_options};
 use crate::http::error::ApiError;
 use crate::http::infer::{infer as infer_images, run_inputs, Request as ImageRequest};
 use crate::http::input::Options;
 use crate::http::AppState;
 use crate::network::ModelInput;
-use crate::postprocess::{detect, detection_json};
+use crate::postprocess::detection_json;
 use crate::registry::LoadedModel;
 
 /// An output the client asks for.
@@ -91,14 +91,14 @@ pub async fn infer(
     let inputs = Inputs::check(model, request.inputs, state.limits.max_images_per_request)?;
     let wanted = wanted_outputs(model, request.outputs, inputs.is_images())?;
     let detect_options = match model.decoder {
-        Some(decoder) if wanted.iter().any(|o| o.name == DETECTIONS) => {
-            Some((decoder, detect_options(&options, &model.labels, decoder)?))
+        Some(_) if wanted.iter().any(|o| o.name == DETECTIONS) => {
+            Some(detect_options(&options, model)?)
         }
         _ => None,
     };
 
     // Raw outputs per image, and what maps detections back to each image.
-    let (raw, images) = match inputs {
+    let (raw, mut images) = match inputs {
         Inputs::Images(images) => {
             let request = ImageRequest {
                 model: model.clone(),
@@ -128,31 +128,21 @@ pub async fn infer(
     let mut outputs = Vec::with_capacity(wanted.len());
     for output in &wanted {
         if output.name == DETECTIONS {
-            let (decoder, options) = detect_options.as_ref().expect("checked above");
-            let results = images.as_ref().expect("detections need images");
-            let histogram = state
-                .metrics
-                .detections_per_image
-                .with_label_values(&[&model.name]);
-            let mut elements = Vec::with_capacity(batch);
-            for image in results {
-                let found = detect(
-                    &image.output,
-                    *decoder,
-                    image.letterbox.as_ref(),
-                    (image.width, image.height),
-                    options,
-                )
-                .map_err(|e| internal(format!("postprocessing failed: {e:#}")))?;
-                histogram.observe(found.len() as f64);
-                let detections: Vec<Value> = found
-                    .iter()
-                    .map(|d| detection_json(d, &model.labels))
-                    .collect();
-                let answer =
-                    json!({"width": image.width, "height": image.height, "detections": detections});
-                elements.push(Bytes::from(answer.to_string()));
-            }
+            let options = detect_options.clone().expect("checked above");
+            let results = images.take().expect("detections need images");
+            let (results, found) = detect_all(state, model, results, options).await?;
+            let elements = results
+                .iter()
+                .zip(&found)
+                .map(|(image, found)| {
+                    let detections: Vec<Value> = found
+                        .iter()
+                        .map(|d| detection_json(d, &model.labels))
+                        .collect();
+                    let answer = json!({"width": image.width, "height": image.height, "detections": detections});
+                    Bytes::from(answer.to_string())
+                })
+                .collect();
             outputs.push(OutputTensor {
                 name: DETECTIONS.into(),
                 datatype: DataType::Bytes,
@@ -218,7 +208,7 @@ fn check_parameters(parameters: &BTreeMap<String, Value>) -> Result<Options, Api
         parameters
             .iter()
             .filter(|(k, _)| FOVEA_PARAMETERS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone())),
+            .map(|(k, v)| (k.as_str(), v.clone())),
     ))
 }
 

@@ -65,6 +65,8 @@ pub fn tiny_model() -> String {
 pub struct Server {
     pub child: Child,
     pub base: String,
+    /// The gRPC endpoint, `http://IP:PORT`.
+    pub grpc: String,
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -78,6 +80,7 @@ impl Server {
         let mut cmd = Command::new(fovea_bin());
         cmd.arg("serve")
             .args(["--http-addr", "127.0.0.1:0"])
+            .args(["--grpc-addr", "127.0.0.1:0"])
             .args(args)
             .env("FOVEA_HOME", shared_home())
             .env_remove("FOVEA_MODELS")
@@ -97,20 +100,27 @@ impl Server {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if line.contains("listening") {
                         if let Some(addr) = line.split("addr=").nth(1) {
-                            let _ =
-                                tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                            let addr = addr.split_whitespace().next().unwrap_or("").to_string();
+                            let grpc = line.contains("grpc listening");
+                            let _ = tx.send((grpc, addr));
                         }
                     }
                     log.lock().unwrap().push(line);
                 }
             });
         }
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("fovea did not start: {:?}", log.lock().unwrap()));
+        // The HTTP and the gRPC listener, in either order.
+        let (mut http, mut grpc) = (None, None);
+        while http.is_none() || grpc.is_none() {
+            let (is_grpc, addr) = rx
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("fovea did not start: {:?}", log.lock().unwrap()));
+            *if is_grpc { &mut grpc } else { &mut http } = Some(addr);
+        }
         let server = Server {
             child,
-            base: format!("http://{addr}"),
+            base: format!("http://{}", http.unwrap()),
+            grpc: format!("http://{}", grpc.unwrap()),
             log,
         };
         server.wait_ready(Duration::from_secs(300));
