@@ -11,7 +11,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::{fovea_bin, repo_root, shared_home, tiny_detector, tiny_model, Server};
 
@@ -69,27 +68,8 @@ fn python_path() -> Option<PathBuf> {
     Some(dir)
 }
 
-/// The gRPC address a server logged (`grpc listening addr=IP:PORT`).
-fn grpc_addr(server: &Server) -> String {
-    let start = Instant::now();
-    loop {
-        let found = server.log.lock().unwrap().iter().find_map(|line| {
-            if !(line.contains("grpc") && line.contains("listening")) {
-                return None;
-            }
-            let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
-            Some(addr.trim_matches('"').to_string())
-        });
-        if let Some(addr) = found {
-            return addr;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no `grpc listening addr=` line in the log:\n{}",
-            server.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn grpc_host_port(server: &Server) -> String {
+    server.grpc.trim_start_matches("http://").to_string()
 }
 
 fn host_port(server: &Server) -> String {
@@ -130,28 +110,22 @@ fn triton_clients_interoperate() {
         ),
     )
     .unwrap();
-    // gRPC on a free loopback port, through the environment so that the
-    // flag stays free for the harness to set (a flag wins over the variable).
-    let grpc_env = [("FOVEA_GRPC_ADDR", "127.0.0.1:0")];
-    let main = Server::start_with_env(&["--config", config.to_str().unwrap()], &grpc_env);
-    let small = Server::start_with_env(
-        &[
-            "--model",
-            &format!("cls={classifier}"),
-            "--max-batch-size",
-            "1",
-            "--max-queue-delay-ms",
-            "0",
-            "--queue-capacity",
-            &SMALL_QUEUE.to_string(),
-        ],
-        &grpc_env,
-    );
+    let main = Server::start(&["--config", config.to_str().unwrap()]);
+    let small = Server::start(&[
+        "--model",
+        &format!("cls={classifier}"),
+        "--max-batch-size",
+        "1",
+        "--max-queue-delay-ms",
+        "0",
+        "--queue-capacity",
+        &SMALL_QUEUE.to_string(),
+    ]);
 
     let mut cmd = Command::new(python());
     cmd.arg(repo_root().join("tests/interop/triton_clients.py"))
         .args(["--http", &host_port(&main)])
-        .args(["--grpc", &grpc_addr(&main)])
+        .args(["--grpc", &grpc_host_port(&main)])
         .arg("--fovea")
         .arg(fovea_bin())
         .args(["--classifier", &format!("cls={classifier}")])
@@ -162,7 +136,7 @@ fn triton_clients_interoperate() {
         .arg("--scratch")
         .arg(&scratch)
         .args(["--small-http", &host_port(&small)])
-        .args(["--small-grpc", &grpc_addr(&small)])
+        .args(["--small-grpc", &grpc_host_port(&small)])
         .args(["--small-queue", &SMALL_QUEUE.to_string()])
         .env("FOVEA_HOME", shared_home())
         .env("PYTHONUNBUFFERED", "1");
