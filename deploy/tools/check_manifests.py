@@ -215,6 +215,12 @@ def check_kserve(kdir):
     port_names = {p.get("name") for p in c["ports"]}
     check("h2c" in port_names, "ServingRuntime has no gRPC (h2c) port")
     check("/mnt/models" in " ".join(c["args"]), "ServingRuntime does not serve /mnt/models")
+    # fovea listens where the ports say: REST on http1, V2 gRPC on h2c.
+    ports = {p.get("name"): p["containerPort"] for p in c["ports"]}
+    args = c["args"]
+    for flag, port in (("--http-addr", "http1"), ("--grpc-addr", "h2c")):
+        check(flag in args and args[args.index(flag) + 1].endswith(f":{ports.get(port)}"),
+              f"ServingRuntime: {flag} does not match its {port} port")
     # Its containers are core/v1 Containers: validate them inside a Pod.
     validate_k8s({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "servingruntime-containers"},
                   "spec": {"containers": spec["containers"]}}, "ServingRuntime")
