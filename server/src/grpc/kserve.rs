@@ -20,10 +20,9 @@ use tonic::{Request, Response, Status};
 
 use crate::http::error::ApiError;
 use crate::http::AppState;
-use crate::registry::LoadedModel;
 use crate::v2::infer::{infer, InferRequest, RequestedOutput};
 use crate::v2::tensor::{checked_shape, decode_raw, encode_raw, DataType, InputTensor, TensorData};
-use crate::v2::{self as protocol, TensorSpec};
+use crate::v2::{self as protocol, find_model, TensorSpec};
 
 /// The metric label of every gRPC V2 inference.
 const INFER_ROUTE: &str = "grpc:/inference.GRPCInferenceService/ModelInfer";
@@ -38,25 +37,6 @@ pub fn service(state: Arc<AppState>) -> GrpcInferenceServiceServer<KServe> {
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::bad_request(message)
-}
-
-/// The model named at `version` ("" for the latest).
-fn find_model(state: &AppState, name: &str, version: &str) -> Result<Arc<LoadedModel>, ApiError> {
-    let registry = state.registry.get().ok_or_else(ApiError::not_ready)?;
-    let model = registry
-        .get(Some(name))
-        .ok_or_else(|| ApiError::model_not_found(name))?;
-    if !protocol::has_version(version) {
-        return Err(ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!(
-                "model {name:?} has no version {version:?} (its only version is {:?})",
-                protocol::MODEL_VERSION
-            ),
-        ));
-    }
-    Ok(model.clone())
 }
 
 fn tensor_metadata(specs: Vec<TensorSpec>) -> Vec<TensorMetadata> {

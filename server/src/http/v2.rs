@@ -112,27 +112,8 @@ async fn server_metadata() -> Json<Value> {
     }))
 }
 
-/// The model named at `version` ("" for the latest).
 fn find_model(state: &AppState, name: &str, version: &str) -> Result<Arc<LoadedModel>, V2Error> {
-    let registry = state.registry.get().ok_or_else(ApiError::not_ready)?;
-    let model = registry.get(Some(name)).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("no model named {name:?} is loaded"),
-        )
-    })?;
-    if !protocol::has_version(version) {
-        return Err(V2Error(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!(
-                "model {name:?} has no version {version:?} (its only version is {:?})",
-                protocol::MODEL_VERSION
-            ),
-        )));
-    }
-    Ok(model.clone())
+    Ok(protocol::find_model(state, name, version)?)
 }
 
 fn tensor_json(specs: Vec<TensorSpec>) -> Vec<Value> {

@@ -11,6 +11,12 @@
 pub mod infer;
 pub mod tensor;
 
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+
+use crate::http::error::ApiError;
+use crate::http::AppState;
 use crate::network::Decoder;
 use crate::registry::LoadedModel;
 use tensor::DataType;
@@ -45,9 +51,23 @@ fn spec(name: &'static str, datatype: DataType, shape: Vec<i64>) -> TensorSpec {
     }
 }
 
-/// Is `version` one of the model's (empty: the latest)?
-pub fn has_version(version: &str) -> bool {
-    version.is_empty() || version == MODEL_VERSION
+/// The model named, at `version` (empty: the latest; each model has one).
+pub fn find_model(
+    state: &AppState,
+    name: &str,
+    version: &str,
+) -> Result<Arc<LoadedModel>, ApiError> {
+    let registry = state.registry.get().ok_or_else(ApiError::not_ready)?;
+    let not_found = |message| ApiError::new(StatusCode::NOT_FOUND, "model_not_found", message);
+    let model = registry
+        .get(Some(name))
+        .ok_or_else(|| not_found(format!("no model named {name:?} is loaded")))?;
+    if !(version.is_empty() || version == MODEL_VERSION) {
+        return Err(not_found(format!(
+            "model {name:?} has no version {version:?} (its only version is {MODEL_VERSION:?})"
+        )));
+    }
+    Ok(model.clone())
 }
 
 /// The inputs a model takes. Classifiers and YOLO have a fixed input size;
