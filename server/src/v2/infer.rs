@@ -97,8 +97,9 @@ pub async fn infer(
         _ => None,
     };
 
-    // Raw outputs per image, and what maps detections back to each image.
-    let (raw, mut images) = match inputs {
+    // Each image's raw output: from the tensors, or from the images' results,
+    // which also map detections back to each image.
+    let (tensor_outputs, results) = match inputs {
         Inputs::Images(images) => {
             let request = ImageRequest {
                 model: model.clone(),
@@ -106,32 +107,16 @@ pub async fn infer(
                 images,
                 deadline,
             };
-            let (results, _timing) = infer_images(state, request, false).await?;
-            let raw = results.iter().map(|r| r.output.clone()).collect();
-            (raw, Some(results))
+            (Vec::new(), infer_images(state, request, false).await?.0)
         }
-        Inputs::Tensors(tensors) => (run_inputs(model, tensors, deadline).await?.0, None),
+        Inputs::Tensors(tensors) => (run_inputs(model, tensors, deadline).await?.0, Vec::new()),
     };
-
-    let shapes = raw_outputs(model);
-    let per_image: usize = shapes
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum();
-    if let Some(bad_len) = raw.iter().map(Vec::len).find(|&l| l != per_image) {
-        return Err(internal(format!(
-            "model {:?} answered {bad_len} values per image, {per_image} expected",
-            model.name
-        )));
-    }
-    let batch = raw.len();
-    let mut outputs = Vec::with_capacity(wanted.len());
-    for output in &wanted {
-        if output.name == DETECTIONS {
-            let options = detect_options.clone().expect("checked above");
-            let results = images.take().expect("detections need images");
+    // Detections first: `detect_all` hands the images back, so the raw
+    // outputs below are read in place rather than copied.
+    let (results, mut detections) = match detect_options {
+        Some(options) => {
             let (results, found) = detect_all(state, model, results, options).await?;
-            let elements = results
+            let elements: Vec<Bytes> = results
                 .iter()
                 .zip(&found)
                 .map(|(image, found)| {
@@ -143,6 +128,33 @@ pub async fn infer(
                     Bytes::from(answer.to_string())
                 })
                 .collect();
+            (results, Some(elements))
+        }
+        None => (results, None),
+    };
+    // One of the two is empty.
+    let raw: Vec<&[f32]> = tensor_outputs
+        .iter()
+        .map(Vec::as_slice)
+        .chain(results.iter().map(|r| r.output.as_slice()))
+        .collect();
+
+    let shapes = raw_outputs(model);
+    let per_image: usize = shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    if let Some(bad_len) = raw.iter().map(|r| r.len()).find(|&l| l != per_image) {
+        return Err(internal(format!(
+            "model {:?} answered {bad_len} values per image, {per_image} expected",
+            model.name
+        )));
+    }
+    let batch = raw.len();
+    let mut outputs = Vec::with_capacity(wanted.len());
+    for output in &wanted {
+        if output.name == DETECTIONS {
+            let elements = detections.take().expect("computed above for images");
             outputs.push(OutputTensor {
                 name: DETECTIONS.into(),
                 datatype: DataType::Bytes,
