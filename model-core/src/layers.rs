@@ -5,8 +5,11 @@
 //! on; nothing here is CPU-specific. The weights are folded in f32 on the
 //! CPU (see [`WeightMap`]) and moved to the model's device and dtype once.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use std::sync::Arc;
 
+use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
+
+use crate::cpu_conv::{self, ConvGeometry, Epilogue};
 use crate::weight_map::WeightMap;
 
 /// Where and in what precision a model's weights live.
@@ -135,6 +138,12 @@ impl ConvSpec {
 /// How the forward pass computes a convolution, picked once at load time.
 #[derive(Debug, Clone)]
 enum ConvKernel {
+    /// f32 on the CPU, one group: Fovea's own kernel ([`cpu_conv::dense`]),
+    /// weights `[O, C, k, k]` flattened, bias `[O]`.
+    CpuDense(Arc<[f32]>, Arc<[f32]>),
+    /// f32 on the CPU, depthwise ([`cpu_conv::depthwise`]): taps
+    /// `[k, k, C]` ([`cpu_conv::pack_depthwise`]), bias `[C]`.
+    CpuDepthwise(Arc<[f32]>, Arc<[f32]>),
     /// 1x1, unpadded, one group: a plain gemm over the channels, `[O, C]`
     /// (after subsampling, if strided). candle's own 1x1 path copies the
     /// input and output element by element and its strided path builds an
@@ -251,7 +260,15 @@ impl Conv2d {
         // A 1x1 convolution never pads under TF 'same' (ceil(in / s) outputs
         // fit without), and timm's symmetric padding for it is 0.
         let unpadded = matches!(spec.padding, Padding::Symmetric(0) | Padding::TfSame);
-        let kernel = if k == 1 && spec.groups == 1 && spec.dilation == 1 && unpadded {
+        let cpu_f32 = placement.device.is_cpu() && placement.dtype == DType::F32;
+        let host =
+            |t: &Tensor| -> Result<Arc<[f32]>> { Ok(t.flatten_all()?.to_vec1::<f32>()?.into()) };
+        let kernel = if cpu_f32 && spec.groups == 1 {
+            ConvKernel::CpuDense(host(weight)?, host(bias)?)
+        } else if cpu_f32 && spec.is_depthwise() {
+            let packed = cpu_conv::pack_depthwise(&host(weight)?, o);
+            ConvKernel::CpuDepthwise(packed.into(), host(bias)?)
+        } else if k == 1 && spec.groups == 1 && spec.dilation == 1 && unpadded {
             ConvKernel::Pointwise(placement.place(&weight.reshape((o, c))?)?)
         } else if spec.is_depthwise() {
             let taps = weight.reshape((o, k * k))?.t()?.contiguous()?;
@@ -293,11 +310,114 @@ impl Conv2d {
         }
     }
 
+    /// `act(conv(x) + bias + residual)`: the residual (the output's shape)
+    /// is added before the activation, as in a ResNet block.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.profiled(x, "+res", || {
+            if self.runs_on_host() {
+                return self.host_forward(x, Some(residual));
+            }
+            self.act.apply(&(self.conv_bias(x)? + residual)?)
+        })
+    }
+
+    /// Runs `f` under the per-layer profile (see [`crate::profile`]).
+    fn profiled(
+        &self,
+        x: &Tensor,
+        extra: &str,
+        f: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if !crate::profile::enabled() {
+            return f();
+        }
+        let start = std::time::Instant::now();
+        let y = f()?;
+        let time = start.elapsed();
+        let (b, c, h, w) = x.dims4()?;
+        let (_, o, ho, wo) = y.dims4()?;
+        let s = &self.spec;
+        let k = s.kernel;
+        let kind = if s.is_depthwise() { " dw" } else { "" };
+        let key = format!(
+            "conv {k}x{k}/{}{kind} {c}->{o} at {h}x{w} {:?}{extra}",
+            s.stride, self.act
+        );
+        // 2 flops per multiply-add: outputs * inputs per output.
+        let taps = (c / s.groups.max(1) * k * k) as u64;
+        crate::profile::record(key, time, 2 * (b * o * ho * wo) as u64 * taps);
+        Ok(y)
+    }
+
+    fn runs_on_host(&self) -> bool {
+        matches!(
+            self.kernel,
+            ConvKernel::CpuDense(..) | ConvKernel::CpuDepthwise(..)
+        )
+    }
+
+    /// The whole layer through [`cpu_conv`], reading the input (and the
+    /// residual) in place.
+    fn host_forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let s = &self.spec;
+        let (top, bottom, left, right) = self.pads(h, w);
+        let span = (s.kernel - 1) * s.dilation + 1;
+        let (hp, wp) = (h + top + bottom, w + left + right);
+        if hp < span || wp < span {
+            candle_core::bail!("a {h}x{w} input is smaller than the {span}x{span} kernel")
+        }
+        let g = ConvGeometry {
+            batch: b,
+            in_channels: c,
+            height: h,
+            width: w,
+            out_channels: s.out_channels,
+            kernel: s.kernel,
+            stride: s.stride,
+            dilation: s.dilation,
+            pad_top: top,
+            pad_left: left,
+            out_height: (hp - span) / s.stride + 1,
+            out_width: (wp - span) / s.stride + 1,
+        };
+        let out_shape = (b, g.out_channels, g.out_height, g.out_width);
+        if let Some(r) = residual {
+            if r.dims() != [out_shape.0, out_shape.1, out_shape.2, out_shape.3] {
+                candle_core::bail!(
+                    "residual {:?} does not match the output {out_shape:?}",
+                    r.dims()
+                )
+            }
+        }
+        let y = with_host_f32(x, |xs| match residual {
+            Some(r) => with_host_f32(r, |rs| self.host_kernel(xs, &g, Some(rs))),
+            None => Ok(self.host_kernel(xs, &g, None)),
+        })??;
+        Tensor::from_vec(y, out_shape, &Device::Cpu)
+    }
+
+    fn host_kernel(&self, x: &[f32], g: &ConvGeometry, residual: Option<&[f32]>) -> Vec<f32> {
+        let epilogue = |bias| Epilogue {
+            bias,
+            residual,
+            act: self.act,
+        };
+        match &self.kernel {
+            ConvKernel::CpuDense(w, b) => cpu_conv::dense(x, g, w, &epilogue(b)),
+            ConvKernel::CpuDepthwise(w, b) => cpu_conv::depthwise(x, g, w, &epilogue(b)),
+            _ => unreachable!("host_kernel is only called for the host kernels"),
+        }
+    }
+
     /// Convolution and bias, without the activation.
     fn conv_bias(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let pads = self.pads(h, w);
         let y = match &self.kernel {
+            ConvKernel::CpuDense(..) | ConvKernel::CpuDepthwise(..) => {
+                unreachable!("the host kernels finish the whole layer in host_forward")
+            }
             ConvKernel::Pointwise(w2) => pointwise(&subsample(x, self.spec.stride)?, w2)?,
             ConvKernel::Depthwise(taps) => depthwise(&pad2d(x, pads)?, taps, &self.spec)?,
             ConvKernel::Im2col(w2) => im2col(&pad2d(x, pads)?, w2, &self.spec)?,
@@ -318,7 +438,30 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.act.apply(&self.conv_bias(x)?)
+        self.profiled(x, "", || {
+            if self.runs_on_host() {
+                return self.host_forward(x, None);
+            }
+            self.act.apply(&self.conv_bias(x)?)
+        })
+    }
+}
+
+/// Calls `f` with the elements of an f32 CPU tensor in row-major order,
+/// without a copy when the tensor is already contiguous.
+pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(data)) => {
+            let start = layout.start_offset();
+            Ok(f(&data[start..start + layout.shape().elem_count()]))
+        }
+        _ => candle_core::bail!(
+            "expected an f32 CPU tensor, got {:?} on {:?}",
+            t.dtype(),
+            t.device()
+        ),
     }
 }
 
@@ -607,10 +750,20 @@ mod tests {
         assert_eq!(tf_same_pad(7, 1, 1, 1), (0, 0));
     }
 
-    /// Every fast path against candle's reference convolution, with odd sizes.
+    /// Every fast path against candle's reference convolution, with odd
+    /// sizes: f32 runs Fovea's CPU kernels, f64 the candle-op paths that other
+    /// devices and dtypes use.
     #[test]
     fn conv_paths_match_candle() -> Result<()> {
+        for dtype in [DType::F32, DType::F64] {
+            conv_paths_match_candle_in(dtype)?;
+        }
+        Ok(())
+    }
+
+    fn conv_paths_match_candle_in(dtype: DType) -> Result<()> {
         let dev = Device::Cpu;
+        let placement = Placement::new(&dev, dtype);
         let cases = [
             // (c_in, c_out, k, stride, dilation, groups, padding)
             (6, 5, 1, 1, 1, 1, Padding::Symmetric(0)),
@@ -627,6 +780,9 @@ mod tests {
             (6, 6, 5, 2, 1, 6, Padding::Symmetric(2)),
             (6, 6, 5, 1, 1, 6, Padding::TfSame),
             (6, 4, 3, 1, 1, 2, Padding::Symmetric(1)),
+            (4, 3, 3, 2, 1, 1, Padding::Symmetric(0)),
+            (4, 3, 2, 2, 1, 1, Padding::Symmetric(0)),
+            (5, 5, 3, 3, 1, 5, Padding::Symmetric(1)),
         ];
         for (ci, co, k, s, d, g, padding) in cases {
             for (h, w) in [(11, 8), (9, 13), (7, 7)] {
@@ -639,14 +795,81 @@ mod tests {
                     padding,
                     ..ConvSpec::new(ci, co, k, s)
                 };
-                let conv = Conv2d::from_folded(&weight, &bias, spec, Activation::None, &cpu())?;
-                let got = conv.forward(&x)?;
+                let conv = Conv2d::from_folded(&weight, &bias, spec, Activation::None, &placement)?;
+                let got = conv.forward(&x.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
                 let pads = conv.pads(h, w);
                 let want = pad2d(&x, pads)?
                     .conv2d(&weight, 0, s, d, g)?
                     .broadcast_add(&bias.reshape((1, co, 1, 1))?)?;
-                assert_eq!(got.dims(), want.dims(), "{spec:?} {h}x{w}");
-                assert!(max_diff(&got, &want) < 1e-4, "{spec:?} {h}x{w}");
+                assert_eq!(got.dims(), want.dims(), "{dtype:?} {spec:?} {h}x{w}");
+                assert!(max_diff(&got, &want) < 1e-4, "{dtype:?} {spec:?} {h}x{w}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused epilogue: `act(conv + bias + residual)` for every activation,
+    /// at batch sizes that take both of the kernels' threading paths.
+    #[test]
+    fn residual_and_activation_are_fused() -> Result<()> {
+        let dev = Device::Cpu;
+        for act in [
+            Activation::None,
+            Activation::Relu,
+            Activation::Relu6,
+            Activation::Silu,
+        ] {
+            for (ci, co, k, g) in [(4, 6, 3, 1), (6, 6, 3, 6), (5, 7, 1, 1)] {
+                for batch in [1, 2, 3] {
+                    let x = Tensor::randn(0f32, 2., (batch, ci, 9, 7), &dev)?;
+                    let weight = Tensor::randn(0f32, 1., (co, ci / g, k, k), &dev)?;
+                    let bias = Tensor::randn(0f32, 1., co, &dev)?;
+                    let res = Tensor::randn(0f32, 3., (batch, co, 9, 7), &dev)?;
+                    let spec = ConvSpec {
+                        groups: g,
+                        ..ConvSpec::new(ci, co, k, 1)
+                    };
+                    let conv = Conv2d::from_folded(&weight, &bias, spec, act, &cpu())?;
+                    let want = x
+                        .conv2d(&weight, k / 2, 1, 1, g)?
+                        .broadcast_add(&bias.reshape((1, co, 1, 1))?)?;
+                    let with_res = act.apply(&(&want + &res)?)?;
+                    let without = act.apply(&want)?;
+                    let what = format!("{act:?} k{k} g{g} batch {batch}");
+                    assert!(
+                        max_diff(&conv.forward_add(&x, &res)?, &with_res) < 1e-4,
+                        "{what}"
+                    );
+                    assert!(max_diff(&conv.forward(&x)?, &without) < 1e-4, "{what}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inputs large enough to be split into tiles of output rows (a partial
+    /// last tile included), with a residual and an activation.
+    #[test]
+    fn tiled_convolutions_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for (ci, co, k, s) in [(64, 8, 3, 1), (600, 5, 1, 1), (64, 6, 3, 2)] {
+            for batch in [1, 3] {
+                let (h, w) = (41, 40);
+                let x = Tensor::randn(0f32, 1., (batch, ci, h, w), &dev)?;
+                let weight = Tensor::randn(0f32, 0.1, (co, ci, k, k), &dev)?;
+                let bias = Tensor::randn(0f32, 1., co, &dev)?;
+                let spec = ConvSpec::new(ci, co, k, s);
+                let conv = Conv2d::from_folded(&weight, &bias, spec, Activation::Silu, &cpu())?;
+                let want = x
+                    .conv2d(&weight, k / 2, s, 1, 1)?
+                    .broadcast_add(&bias.reshape((1, co, 1, 1))?)?;
+                let res = Tensor::randn(0f32, 1., want.dims(), &dev)?;
+                let want = (want + &res)?.silu()?;
+                let got = conv.forward_add(&x, &res)?;
+                assert!(
+                    max_diff(&got, &want) < 1e-4,
+                    "{ci}->{co} k{k} s{s} batch {batch}"
+                );
             }
         }
         Ok(())

@@ -3,6 +3,7 @@
 //! outputs. No I/O beyond the tensors and bytes handed to it.
 
 pub mod classifier;
+pub mod cpu_conv;
 pub mod detection;
 pub mod detr;
 pub mod detr_postprocess;
@@ -14,6 +15,7 @@ pub mod layers;
 pub mod letterbox;
 pub mod model_error;
 pub mod preprocess;
+pub mod profile;
 pub mod render;
 pub mod resnet;
 pub mod topk;

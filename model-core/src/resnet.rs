@@ -178,16 +178,13 @@ impl Block {
                 (planes, out, 1, 1),
             ],
         };
-        let n = geometry.len();
+        // Every convolution ends in a ReLU; the last one's comes after the
+        // shortcut is added (`Conv2d::forward_add`).
+        let act = Activation::Relu;
         let convs = geometry
             .into_iter()
             .enumerate()
             .map(|(i, (ci, co, k, s))| {
-                let act = if i + 1 < n {
-                    Activation::Relu
-                } else {
-                    Activation::None
-                };
                 let (conv, bn) = (
                     format!("{prefix}.conv{}", i + 1),
                     format!("{prefix}.bn{}", i + 1),
@@ -218,15 +215,18 @@ impl Block {
 
 impl Module for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.clone();
-        for conv in &self.convs {
-            y = conv.forward(&y)?;
-        }
         let shortcut = match &self.downsample {
             Some(d) => d.forward(x)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        let (last, first) = self.convs.split_last().expect("a block has convolutions");
+        let mut y = x.clone();
+        for conv in first {
+            y = conv.forward(&y)?;
+        }
+        // The last convolution adds the shortcut and applies the block's
+        // ReLU in its own output pass.
+        last.forward_add(&y, &shortcut)
     }
 }
 

@@ -286,4 +286,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of lines.
     #[arg(long)]
     pub json: bool,
+    /// Forward pass: after timing, run it 3 more times per batch size with
+    /// the per-layer profile on and print where the time went.
+    #[arg(long)]
+    pub profile: bool,
 }

@@ -94,6 +94,9 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
             );
         }
         rows.push(row);
+        if args.profile {
+            print_profile(batch, &run)?;
+        }
     }
     if args.json {
         let out = json!({
@@ -102,6 +105,52 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
         });
         println!("{out}");
     }
+    Ok(())
+}
+
+/// Runs the forward pass 3 times with the per-layer profile on and prints
+/// each kind of layer's share, slowest first.
+fn print_profile(batch: usize, run: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    const RUNS: u32 = 3;
+    fovea_model_core::profile::enable(true);
+    let start = Instant::now();
+    let outcome = (0..RUNS).try_for_each(|_| run());
+    let total = start.elapsed().as_secs_f64() / RUNS as f64;
+    let rows = fovea_model_core::profile::entries();
+    fovea_model_core::profile::enable(false);
+    outcome?;
+    println!(
+        "profile, batch {batch}: {:.2} ms per forward pass",
+        total * 1e3
+    );
+    println!(
+        "{:>9} {:>6} {:>6} {:>8}  layer",
+        "ms/pass", "%", "calls", "GFLOP/s"
+    );
+    let mut profiled = 0.0;
+    for (key, e) in &rows {
+        let t = e.time.as_secs_f64();
+        profiled += t / RUNS as f64;
+        let gflops = if e.flops > 0 {
+            format!("{:8.1}", e.flops as f64 / t / 1e9)
+        } else {
+            format!("{:>8}", "-")
+        };
+        println!(
+            "{:9.2} {:6.1} {:6} {gflops}  {key}",
+            t / RUNS as f64 * 1e3,
+            t / RUNS as f64 / total * 100.0,
+            e.calls / RUNS as u64,
+        );
+    }
+    let rest = total - profiled;
+    println!(
+        "{:9.2} {:6.1} {:>6} {:>8}  everything else",
+        rest * 1e3,
+        rest / total * 100.0,
+        "",
+        "-"
+    );
     Ok(())
 }
 

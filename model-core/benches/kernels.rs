@@ -1,0 +1,195 @@
+//! Micro-benchmarks of the CPU convolution kernels on the layer shapes that
+//! dominate the families' profiles (`fovea bench --profile`), beside candle's
+//! own `conv2d` on the same input: GFLOP/s, higher is better.
+//!
+//! `cargo bench -p fovea-model-core --bench kernels [-- FILTER]`
+//! (`RAYON_NUM_THREADS` sets the threads; prints figures, asserts nothing.)
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Module, Tensor};
+use fovea_model_core::layers::{Activation, Conv2d, ConvSpec, Placement};
+
+/// (name, batch, in, out, kernel, stride, groups, size, activation)
+// The allocator `fovea` runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+type Case = (
+    &'static str,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    Activation,
+);
+
+const CASES: &[Case] = &[
+    ("resnet 3x3 64", 8, 64, 64, 3, 1, 1, 56, Activation::Relu),
+    ("resnet 3x3 256", 8, 256, 256, 3, 1, 1, 14, Activation::Relu),
+    (
+        "resnet 1x1 64->256",
+        8,
+        64,
+        256,
+        1,
+        1,
+        1,
+        56,
+        Activation::Relu,
+    ),
+    (
+        "resnet 1x1 1024->256",
+        8,
+        1024,
+        256,
+        1,
+        1,
+        1,
+        14,
+        Activation::Relu,
+    ),
+    (
+        "resnet stem 7x7/2",
+        8,
+        3,
+        64,
+        7,
+        2,
+        1,
+        224,
+        Activation::Relu,
+    ),
+    (
+        "yolo 3x3/2 16->32",
+        1,
+        16,
+        32,
+        3,
+        2,
+        1,
+        320,
+        Activation::Silu,
+    ),
+    ("yolo 3x3 16->16", 1, 16, 16, 3, 1, 1, 160, Activation::Silu),
+    ("yolo 1x1 32->32", 1, 32, 32, 1, 1, 1, 160, Activation::Silu),
+    (
+        "effnet 1x1 16->96",
+        8,
+        16,
+        96,
+        1,
+        1,
+        1,
+        112,
+        Activation::Silu,
+    ),
+    (
+        "effnet 1x1 16->96 no act",
+        8,
+        16,
+        96,
+        1,
+        1,
+        1,
+        112,
+        Activation::None,
+    ),
+    (
+        "effnet dw 3x3/2 96",
+        8,
+        96,
+        96,
+        3,
+        2,
+        96,
+        112,
+        Activation::Silu,
+    ),
+    (
+        "effnet dw 5x5 672",
+        8,
+        672,
+        672,
+        5,
+        1,
+        672,
+        14,
+        Activation::Silu,
+    ),
+    (
+        "effnet dw 5x5 1152",
+        8,
+        1152,
+        1152,
+        5,
+        1,
+        1152,
+        7,
+        Activation::Silu,
+    ),
+];
+
+fn time(f: &dyn Fn()) -> Duration {
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 5 || start.elapsed() < Duration::from_millis(700) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn main() -> candle_core::Result<()> {
+    // As `fovea` runs candle: its elementwise pool off (see the README).
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let dev = Device::Cpu;
+    let placement = Placement::new(&dev, DType::F32);
+    println!(
+        "{:24} {:>10} {:>10} {:>10} {:>10}",
+        "layer", "Fovea ms", "GFLOP/s", "candle ms", "GFLOP/s"
+    );
+    for &(name, b, ci, co, k, s, g, size, act) in CASES {
+        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        let x = Tensor::randn(0f32, 1., (b, ci, size, size), &dev)?;
+        let w = Tensor::randn(0f32, 0.1, (co, ci / g, k, k), &dev)?;
+        let bias = Tensor::randn(0f32, 0.1, co, &dev)?;
+        let spec = ConvSpec {
+            groups: g,
+            ..ConvSpec::new(ci, co, k, s)
+        };
+        let conv = Conv2d::from_folded(&w, &bias, spec, act, &placement)?;
+        let out = conv.forward(&x)?;
+        let (_, _, ho, wo) = out.dims4()?;
+        let flops = 2.0 * (b * co * ho * wo * (ci / g) * k * k) as f64;
+        let fovea = time(&|| {
+            conv.forward(&x).unwrap();
+        });
+        let gf = |t: Duration| flops / t.as_secs_f64() / 1e9;
+        let ms = |t: Duration| t.as_secs_f64() * 1e3;
+        print!("{name:24} {:10.2} {:10.1}", ms(fovea), gf(fovea));
+        // candle runs a grouped convolution as one convolution per group:
+        // minutes for these shapes, so only dense layers are compared.
+        if g == 1 {
+            let b4 = bias.reshape((1, co, 1, 1))?;
+            let candle = time(&|| {
+                let y = x.conv2d(&w, k / 2, s, 1, g).unwrap();
+                act.apply(&y.broadcast_add(&b4).unwrap()).unwrap();
+            });
+            print!(" {:10.2} {:10.1}", ms(candle), gf(candle));
+        }
+        println!();
+    }
+    Ok(())
+}

@@ -1,0 +1,652 @@
+//! f32 convolutions on the CPU over NCHW buffers, for the two kinds of
+//! convolution the conv families run: dense k x k (including 1x1) and
+//! depthwise. Each writes its output once: bias, an optional residual and the
+//! activation are applied while a row of the output is still in cache.
+//!
+//! - Dense: one gemm (the `gemm` crate, the same engine as candle's matmul)
+//!   per image, `[O, C*k*k] x [C*k*k, Ho*Wo]`. The weights stay in PyTorch's
+//!   `[O, C, k, k]` order, so they are packed at load time by a reshape. The
+//!   column matrix is built row by row with whole-row copies (stride 1) into a
+//!   buffer reused across the batch; an unpadded 1x1 stride-1 convolution reads
+//!   its input in place.
+//! - Depthwise: a direct loop per channel plane, the taps accumulated into the
+//!   output row with vectorised multiply-adds.
+//! - Threads: with at least as many images as threads, each thread takes whole
+//!   images (no synchronisation inside a layer); otherwise the gemm, the column
+//!   matrix and the epilogue are split across the threads. Rayon's pool is
+//!   sized by `RAYON_NUM_THREADS` or, by default, the CPUs this process may
+//!   use (`std::thread::available_parallelism`, which honours the cgroup quota
+//!   of a container).
+
+use std::ops::Range;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::layers::Activation;
+
+/// The sizes a convolution reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub dilation: usize,
+    /// Zeros above and to the left; those below and to the right follow
+    /// from the output size.
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub out_height: usize,
+    pub out_width: usize,
+}
+
+impl ConvGeometry {
+    fn in_plane(&self) -> usize {
+        self.height * self.width
+    }
+
+    fn out_plane(&self) -> usize {
+        self.out_height * self.out_width
+    }
+
+    /// An unpadded 1x1 stride-1 convolution: the input is its own column matrix.
+    fn reads_input_in_place(&self) -> bool {
+        self.kernel == 1
+            && self.stride == 1
+            && self.pad_top == 0
+            && self.pad_left == 0
+            && self.out_height == self.height
+            && self.out_width == self.width
+    }
+}
+
+/// What happens to each output value after the convolution's sum:
+/// `act(sum + bias[channel] + residual)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// One per output channel.
+    pub bias: &'a [f32],
+    /// Same shape as the output.
+    pub residual: Option<&'a [f32]>,
+    pub act: Activation,
+}
+
+impl Epilogue<'_> {
+    /// Finishes the part of output row `index` (image * channels + channel,
+    /// `row_len` values) that starts at column `start`.
+    fn finish_at(
+        &self,
+        part: &mut [f32],
+        index: usize,
+        start: usize,
+        row_len: usize,
+        channels: usize,
+    ) {
+        let bias = self.bias[index % channels];
+        let residual = self
+            .residual
+            .map(|r| &r[index * row_len + start..][..part.len()]);
+        simd::finish_row(part, bias, residual, self.act);
+    }
+}
+
+/// Dense convolution (one group) of `x` `[B, C, H, W]` with `weight`
+/// `[O, C, k, k]` (flattened), returning `[B, O, Ho, Wo]`.
+pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -> Vec<f32> {
+    let (n, o) = (g.out_plane(), g.out_channels);
+    let depth = g.in_channels * g.kernel * g.kernel;
+    assert_eq!(x.len(), g.batch * g.in_channels * g.in_plane());
+    assert_eq!(weight.len(), o * depth);
+    assert_eq!(epilogue.bias.len(), o);
+    let per_image = o * n;
+    let mut out = vec![0f32; g.batch * per_image];
+    if let Some(r) = epilogue.residual {
+        assert_eq!(r.len(), out.len());
+    }
+    let in_place = g.reads_input_in_place();
+    let image = |i: usize| &x[i * g.in_channels * g.in_plane()..][..g.in_channels * g.in_plane()];
+
+    // Tiles of whole output rows, sized so that a tile's column matrix stays
+    // in the core's cache between being written and being read by the gemm
+    // (and its output between the gemm and the epilogue), but wide enough
+    // that the gemm's packing of the weights is paid over many columns.
+    let tile_rows = (TILE_FLOATS / depth.max(1))
+        .max(MIN_TILE_COLUMNS)
+        .div_ceil(g.out_width)
+        .min(g.out_height);
+    let tiles_per_image = g.out_height.div_ceil(tile_rows);
+    let tiles = g.batch * tiles_per_image;
+    let threads = rayon::current_num_threads();
+    let dst = SharedMut(out.as_mut_ptr());
+
+    if threads == 1 || tiles >= 2 * threads {
+        // Enough tiles for every thread: each computes whole tiles alone.
+        (0..tiles).into_par_iter().for_each_init(
+            || {
+                vec![
+                    0f32;
+                    if in_place {
+                        0
+                    } else {
+                        depth * tile_rows * g.out_width
+                    }
+                ]
+            },
+            |cols, t| {
+                let (i, oy0) = (t / tiles_per_image, t % tiles_per_image * tile_rows);
+                let rows = tile_rows.min(g.out_height - oy0);
+                let (c0, width) = (oy0 * g.out_width, rows * g.out_width);
+                let (rhs, rhs_stride) = if in_place {
+                    (&image(i)[c0..], n)
+                } else {
+                    let cols = &mut cols[..depth * width];
+                    im2col(image(i), g, cols, oy0..oy0 + rows, false);
+                    (&cols[..], width)
+                };
+                // SAFETY: tile t writes columns c0..c0 + width of image i's
+                // `o` rows, which no other tile writes; `out` outlives the loop.
+                unsafe {
+                    let y = dst.get().add(i * per_image + c0);
+                    gemm_into(
+                        y,
+                        n,
+                        weight,
+                        rhs,
+                        rhs_stride,
+                        (o, width, depth),
+                        Parallelism::None,
+                    );
+                    for c in 0..o {
+                        let row = std::slice::from_raw_parts_mut(y.add(c * n), width);
+                        epilogue.finish_at(row, i * o + c, c0, n, o);
+                    }
+                }
+            },
+        );
+        return out;
+    }
+    // Few, small images: one at a time, the gemm split across the threads.
+    let mut cols = vec![0f32; if in_place { 0 } else { depth * n }];
+    for i in 0..g.batch {
+        let rhs = if in_place {
+            image(i)
+        } else {
+            im2col(image(i), g, &mut cols, 0..g.out_height, true);
+            &cols[..]
+        };
+        let y = &mut out[i * per_image..][..per_image];
+        // SAFETY: y is the [o, n] output of image i, rhs the [depth, n] input.
+        unsafe {
+            let par = Parallelism::Rayon(threads);
+            gemm_into(y.as_mut_ptr(), n, weight, rhs, n, (o, n, depth), par);
+        }
+        y.par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(c, row)| epilogue.finish_at(row, i * o + c, 0, n, o));
+    }
+    out
+}
+
+/// Floats of column matrix per tile (1 MiB): about what a core's L2 cache holds.
+const TILE_FLOATS: usize = 256 * 1024;
+/// The narrowest tile: below this the gemm's per-call packing of the weights
+/// costs more than the cache saves.
+const MIN_TILE_COLUMNS: usize = 512;
+
+/// A raw output pointer shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: the users write disjoint regions (see `dense`).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    // A method, so that closures capture the wrapper and not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Depthwise convolution of `x` `[B, C, H, W]` with `taps` `[k, k, C]`
+/// (tap-major: the layout [`pack_depthwise`] makes), returning `[B, C, Ho, Wo]`.
+///
+/// Each image is computed channels-last: transposed to `[H, W, C]`, every
+/// output pixel accumulated over its taps with the channels as the vector
+/// dimension, and transposed back. Planes of 7x7 or 14x14 pixels, and strided
+/// taps, then cost no more per value than large ones.
+pub fn depthwise(x: &[f32], g: &ConvGeometry, taps: &[f32], epilogue: &Epilogue) -> Vec<f32> {
+    let c = g.in_channels;
+    assert_eq!(g.out_channels, c);
+    assert_eq!(x.len(), g.batch * c * g.in_plane());
+    assert_eq!(taps.len(), c * g.kernel * g.kernel);
+    assert_eq!(epilogue.bias.len(), c);
+    let n = g.out_plane();
+    let per_image = c * n;
+    let mut out = vec![0f32; g.batch * per_image];
+    if let Some(r) = epilogue.residual {
+        assert_eq!(r.len(), out.len());
+    }
+    let image = |i: usize| &x[i * c * g.in_plane()..][..c * g.in_plane()];
+    let scratch = || (vec![0f32; g.in_plane() * c], vec![0f32; n * c]);
+    let threads = rayon::current_num_threads();
+    let whole = if threads > 1 {
+        g.batch / threads * threads
+    } else {
+        0
+    };
+    out[..whole * per_image]
+        .par_chunks_mut(per_image)
+        .enumerate()
+        .for_each_init(scratch, |(xt, yt), (i, y)| {
+            depthwise_image(image(i), g, taps, epilogue, i, (xt, yt, y), false)
+        });
+    let (mut xt, mut yt) = scratch();
+    for i in whole..g.batch {
+        let y = &mut out[i * per_image..][..per_image];
+        depthwise_image(image(i), g, taps, epilogue, i, (&mut xt, &mut yt, y), true);
+    }
+    out
+}
+
+/// `[O, 1, k, k]` depthwise weights as the `[k, k, C]` taps [`depthwise`] reads.
+pub fn pack_depthwise(weight: &[f32], channels: usize) -> Vec<f32> {
+    let taps = weight.len() / channels;
+    let mut packed = vec![0f32; weight.len()];
+    transpose(weight, channels, taps, &mut packed, false);
+    packed
+}
+
+/// One image of [`depthwise`]: `xt` `[H, W, C]` and `yt` `[Ho, Wo, C]` are
+/// scratch, `y` `[C, Ho, Wo]` the output.
+fn depthwise_image(
+    x: &[f32],
+    g: &ConvGeometry,
+    taps: &[f32],
+    epilogue: &Epilogue,
+    index: usize,
+    (xt, yt, y): (&mut [f32], &mut [f32], &mut [f32]),
+    parallel: bool,
+) {
+    let (c, n) = (g.in_channels, g.out_plane());
+    transpose(x, c, g.in_plane(), xt, parallel);
+    // Without a residual the activation is applied channels-last, while the
+    // pixel is in cache; with one, after the transpose back.
+    let act = match epilogue.residual {
+        None => epilogue.act,
+        Some(_) => Activation::None,
+    };
+    let xt = &*xt;
+    let row = |oy: usize, out: &mut [f32]| {
+        simd::depthwise_row(out, xt, taps, epilogue.bias, act, oy, g);
+    };
+    let row_len = g.out_width * c;
+    if parallel {
+        yt.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(oy, out)| row(oy, out));
+    } else {
+        for (oy, out) in yt.chunks_exact_mut(row_len).enumerate() {
+            row(oy, out);
+        }
+    }
+    transpose(yt, n, c, y, parallel);
+    if let Some(residual) = epilogue.residual {
+        let residual = &residual[index * c * n..][..c * n];
+        for (out, res) in y.chunks_exact_mut(n).zip(residual.chunks_exact(n)) {
+            simd::finish_row(out, 0.0, Some(res), epilogue.act);
+        }
+    }
+}
+
+/// `dst [cols, rows] = src [rows, cols]` transposed, in 8x8 tiles so that
+/// both sides are read and written in runs of 8 values.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32], parallel: bool) {
+    const TILE: usize = 8;
+    // Bands of dst rows (src columns), one task each when parallel.
+    const BAND: usize = 8 * TILE;
+    let (src, dst) = (&src[..rows * cols], &mut dst[..rows * cols]);
+    let band = |j0: usize, out: &mut [f32]| {
+        let width = out.len() / rows;
+        for i0 in (0..rows).step_by(TILE) {
+            for jt in (0..width).step_by(TILE) {
+                let (h, w) = (TILE.min(rows - i0), TILE.min(width - jt));
+                if h == TILE && w == TILE {
+                    let mut tile = [[0f32; TILE]; TILE];
+                    for (a, t) in tile.iter_mut().enumerate() {
+                        t.copy_from_slice(&src[(i0 + a) * cols + j0 + jt..][..TILE]);
+                    }
+                    for b in 0..TILE {
+                        let d = &mut out[(jt + b) * rows + i0..][..TILE];
+                        for (a, v) in d.iter_mut().enumerate() {
+                            *v = tile[a][b];
+                        }
+                    }
+                } else {
+                    for a in 0..h {
+                        for b in 0..w {
+                            out[(jt + b) * rows + i0 + a] = src[(i0 + a) * cols + j0 + jt + b];
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if parallel {
+        dst.par_chunks_mut(BAND * rows)
+            .enumerate()
+            .for_each(|(b, out)| band(b * BAND, out));
+    } else {
+        for (b, out) in dst.chunks_mut(BAND * rows).enumerate() {
+            band(b * BAND, out);
+        }
+    }
+}
+
+/// `dst [m, n] = lhs [m, k] x rhs [k, n]`, row-major; `dst` rows are
+/// `dst_stride` apart and `rhs` rows `rhs_stride` apart (so that a tile of
+/// columns can be read and written in place).
+///
+/// # Safety
+/// `dst` must be valid for writes of `m` rows of `n` values `dst_stride`
+/// apart, and not overlap `lhs` or `rhs`.
+unsafe fn gemm_into(
+    dst: *mut f32,
+    dst_stride: usize,
+    lhs: &[f32],
+    rhs: &[f32],
+    rhs_stride: usize,
+    (m, n, k): (usize, usize, usize),
+    par: Parallelism,
+) {
+    assert!(lhs.len() >= m * k);
+    assert!(k == 0 || rhs.len() >= (k - 1) * rhs_stride + n);
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_stride as isize,
+        false,
+        lhs.as_ptr(),
+        1,
+        k as isize,
+        rhs.as_ptr(),
+        1,
+        rhs_stride as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+/// The range `[lo, hi)` of output columns whose input column
+/// `ox * stride + offset` lies inside `0..width`.
+fn valid_columns(offset: isize, stride: usize, width: usize, out_width: usize) -> (usize, usize) {
+    let lo = if offset >= 0 {
+        0
+    } else {
+        (offset.unsigned_abs()).div_ceil(stride)
+    };
+    let last = width as isize - 1 - offset;
+    let hi = if last < 0 {
+        0
+    } else {
+        (last as usize / stride + 1).min(out_width)
+    };
+    (lo.min(hi), hi)
+}
+
+/// The input row that output row `oy` reads for kernel row `ki`, if inside.
+fn input_row(oy: usize, ki: usize, g: &ConvGeometry) -> Option<usize> {
+    let iy = (oy * g.stride + ki * g.dilation) as isize - g.pad_top as isize;
+    (iy >= 0 && (iy as usize) < g.height).then_some(iy as usize)
+}
+
+/// The column matrix of output rows `oys` of one image `[C, H, W]`: row
+/// `(c, ki, kj)` holds, for each of those output pixels, the input pixel that
+/// tap reads (zero in the padding).
+fn im2col(image: &[f32], g: &ConvGeometry, cols: &mut [f32], oys: Range<usize>, parallel: bool) {
+    let k = g.kernel;
+    let width = oys.len() * g.out_width;
+    let fill = |r: usize, row: &mut [f32]| {
+        let (c, tap) = (r / (k * k), r % (k * k));
+        let (ki, kj) = (tap / k, tap % k);
+        let plane = &image[c * g.in_plane()..][..g.in_plane()];
+        let offset = (kj * g.dilation) as isize - g.pad_left as isize;
+        let (lo, hi) = valid_columns(offset, g.stride, g.width, g.out_width);
+        for (oy, dst) in oys.clone().zip(row.chunks_exact_mut(g.out_width)) {
+            let Some(iy) = input_row(oy, ki, g) else {
+                dst.fill(0.0);
+                continue;
+            };
+            let src = &plane[iy * g.width..][..g.width];
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            let first = (lo * g.stride) as isize + offset;
+            if g.stride == 1 {
+                dst[lo..hi].copy_from_slice(&src[first as usize..][..hi - lo]);
+            } else {
+                let src = &src[first as usize..];
+                for (j, v) in dst[lo..hi].iter_mut().enumerate() {
+                    *v = src[j * g.stride];
+                }
+            }
+        }
+    };
+    let cols = &mut cols[..g.in_channels * k * k * width];
+    if parallel {
+        cols.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(r, row)| fill(r, row));
+    } else {
+        for (r, row) in cols.chunks_exact_mut(width).enumerate() {
+            fill(r, row);
+        }
+    }
+}
+
+/// The inner loops, compiled twice: for the baseline target and with AVX2
+/// and FMA, picked at run time (the default build targets plain x86-64).
+mod simd {
+    use super::{input_row, ConvGeometry};
+    use crate::layers::Activation;
+
+    /// `row = act(row + bias + residual)`.
+    pub fn finish_row(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { finish_row_avx2(row, bias, residual, act) };
+        }
+        finish_row_generic(row, bias, residual, act)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn finish_row_avx2(
+        row: &mut [f32],
+        bias: f32,
+        residual: Option<&[f32]>,
+        act: Activation,
+    ) {
+        finish_row_generic(row, bias, residual, act)
+    }
+
+    #[inline(always)]
+    fn finish_row_generic(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
+        match act {
+            Activation::None => map_row(row, bias, residual, |v| v),
+            Activation::Relu => map_row(row, bias, residual, |v| v.max(0.0)),
+            Activation::Relu6 => map_row(row, bias, residual, |v| v.clamp(0.0, 6.0)),
+            Activation::Silu => map_row(row, bias, residual, silu),
+        }
+    }
+
+    #[inline(always)]
+    fn map_row(row: &mut [f32], bias: f32, residual: Option<&[f32]>, f: impl Fn(f32) -> f32) {
+        match residual {
+            Some(r) => {
+                for (y, &r) in row.iter_mut().zip(r) {
+                    *y = f(*y + bias + r);
+                }
+            }
+            None => {
+                for y in row.iter_mut() {
+                    *y = f(*y + bias);
+                }
+            }
+        }
+    }
+
+    /// `x * sigmoid(x)`, with an exp that vectorises.
+    #[inline(always)]
+    pub fn silu(x: f32) -> f32 {
+        x / (1.0 + exp(-x))
+    }
+
+    /// e^x within 2 ulp over the f32 range (Cody-Waite reduction and a
+    /// degree-5 minimax polynomial, the classic single-precision method);
+    /// written without branches or calls so that loops over it vectorise.
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        let x = x.clamp(-87.0, 88.0);
+        let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+        let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+        let p = 1.987_569_1e-4;
+        let p = p * r + 1.398_199_9e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 1.666_666_5e-1;
+        let p = p * r + 0.5;
+        let e = p * r * r + r + 1.0;
+        // 2^n built in the exponent bits. n + 127 is an integer in 2..=254
+        // here; adding 2^23 puts it in the low mantissa bits, which avoids a
+        // float-to-int conversion that would not vectorise.
+        let biased = (n + 127.0 + 8_388_608.0).to_bits() - 0x4b00_0000;
+        e * f32::from_bits(biased << 23)
+    }
+
+    /// Output row `oy` of a depthwise convolution, channels-last:
+    /// `out [Wo, C] = act(bias + sum over taps of taps[tap] * xt[pixel])`.
+    pub fn depthwise_row(
+        out: &mut [f32],
+        xt: &[f32],
+        taps: &[f32],
+        bias: &[f32],
+        act: Activation,
+        oy: usize,
+        g: &ConvGeometry,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { depthwise_row_avx2(out, xt, taps, bias, act, oy, g) };
+        }
+        depthwise_row_generic(out, xt, taps, bias, act, oy, g)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn depthwise_row_avx2(
+        out: &mut [f32],
+        xt: &[f32],
+        taps: &[f32],
+        bias: &[f32],
+        act: Activation,
+        oy: usize,
+        g: &ConvGeometry,
+    ) {
+        depthwise_row_generic(out, xt, taps, bias, act, oy, g)
+    }
+
+    #[inline(always)]
+    fn depthwise_row_generic(
+        out: &mut [f32],
+        xt: &[f32],
+        taps: &[f32],
+        bias: &[f32],
+        act: Activation,
+        oy: usize,
+        g: &ConvGeometry,
+    ) {
+        let (c, k) = (g.in_channels, g.kernel);
+        for (ox, acc) in out.chunks_exact_mut(c).enumerate() {
+            acc.copy_from_slice(bias);
+            for ki in 0..k {
+                let Some(iy) = input_row(oy, ki, g) else {
+                    continue;
+                };
+                for kj in 0..k {
+                    let ix = (ox * g.stride + kj * g.dilation) as isize - g.pad_left as isize;
+                    if ix < 0 || ix as usize >= g.width {
+                        continue;
+                    }
+                    let src = &xt[(iy * g.width + ix as usize) * c..][..c];
+                    let w = &taps[(ki * k + kj) * c..][..c];
+                    for ((a, &w), &v) in acc.iter_mut().zip(w).zip(src) {
+                        *a += w * v;
+                    }
+                }
+            }
+            finish_row_generic(acc, 0.0, None, act);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_over_the_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = simd::exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        // 2 ulp of f32 is 2.4e-7.
+        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
+        assert_eq!(simd::exp(0.0), 1.0);
+        assert!(simd::silu(-200.0).abs() < 1e-30);
+        assert_eq!(simd::silu(200.0), 200.0);
+    }
+
+    #[test]
+    fn transpose_any_shape() {
+        for (rows, cols) in [(1, 1), (3, 5), (8, 8), (17, 9), (96, 70), (5, 130)] {
+            let src: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+            for parallel in [false, true] {
+                let mut dst = vec![0f32; rows * cols];
+                transpose(&src, rows, cols, &mut dst, parallel);
+                for i in 0..rows {
+                    for j in 0..cols {
+                        assert_eq!(dst[j * rows + i], src[i * cols + j], "{rows}x{cols}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn valid_columns_cover_the_input() {
+        // pad 1, stride 1: output 0 reads column -1.
+        assert_eq!(valid_columns(-1, 1, 5, 5), (1, 5));
+        assert_eq!(valid_columns(1, 1, 5, 5), (0, 4));
+        // stride 2, pad 1, tap 0: ox*2 - 1 in 0..6 for ox in 1..=3.
+        assert_eq!(valid_columns(-1, 2, 6, 3), (1, 3));
+        assert_eq!(valid_columns(0, 2, 6, 3), (0, 3));
+        // an offset past the input reads nothing.
+        assert_eq!(valid_columns(7, 1, 5, 5), (0, 0));
+    }
+}
