@@ -75,6 +75,8 @@ const CASES: &[Case] = &[
         Activation::Silu,
     ),
     ("yolo 3x3 16->16", 1, 16, 16, 3, 1, 1, 160, Activation::Silu),
+    ("yolo 3x3 32->32", 1, 32, 32, 3, 1, 1, 80, Activation::Silu),
+    ("yolo 3x3 64->64", 8, 64, 64, 3, 1, 1, 40, Activation::Silu),
     ("yolo 1x1 32->32", 1, 32, 32, 1, 1, 1, 160, Activation::Silu),
     (
         "effnet 1x1 16->96",

@@ -783,6 +783,10 @@ mod tests {
             (4, 3, 3, 2, 1, 1, Padding::Symmetric(0)),
             (4, 3, 2, 2, 1, 1, Padding::Symmetric(0)),
             (5, 5, 3, 3, 1, 5, Padding::Symmetric(1)),
+            // More channels, odd output sizes.
+            (16, 17, 3, 1, 1, 1, Padding::Symmetric(1)),
+            (17, 16, 3, 1, 1, 1, Padding::TfSame),
+            (16, 16, 3, 1, 1, 1, Padding::Symmetric(0)),
         ];
         for (ci, co, k, s, d, g, padding) in cases {
             for (h, w) in [(11, 8), (9, 13), (7, 7)] {
@@ -852,8 +856,13 @@ mod tests {
     #[test]
     fn tiled_convolutions_match_candle() -> Result<()> {
         let dev = Device::Cpu;
-        for (ci, co, k, s) in [(64, 8, 3, 1), (600, 5, 1, 1), (64, 6, 3, 2)] {
-            for batch in [1, 3] {
+        for (ci, co, k, s) in [
+            (64, 8, 3, 1),
+            (600, 5, 1, 1),
+            (64, 6, 3, 2),
+            (256, 16, 3, 1),
+        ] {
+            for batch in [1, 3, 4] {
                 let (h, w) = (41, 40);
                 let x = Tensor::randn(0f32, 1., (batch, ci, h, w), &dev)?;
                 let weight = Tensor::randn(0f32, 0.1, (co, ci, k, k), &dev)?;
