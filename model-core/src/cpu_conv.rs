@@ -283,16 +283,7 @@ fn depthwise_image(
     let row = |oy: usize, out: &mut [f32]| {
         simd::depthwise_row(out, xt, taps, epilogue.bias, act, oy, g);
     };
-    let row_len = g.out_width * c;
-    if parallel {
-        yt.par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(oy, out)| row(oy, out));
-    } else {
-        for (oy, out) in yt.chunks_exact_mut(row_len).enumerate() {
-            row(oy, out);
-        }
-    }
+    for_each_chunk(yt, g.out_width * c, parallel, row);
     transpose(yt, n, c, y, parallel);
     if let Some(residual) = epilogue.residual {
         let residual = &residual[index * c * n..][..c * n];
@@ -335,15 +326,7 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32], parallel: b
             }
         }
     };
-    if parallel {
-        dst.par_chunks_mut(BAND * rows)
-            .enumerate()
-            .for_each(|(b, out)| band(b * BAND, out));
-    } else {
-        for (b, out) in dst.chunks_mut(BAND * rows).enumerate() {
-            band(b * BAND, out);
-        }
-    }
+    for_each_chunk(dst, BAND * rows, parallel, |b, out| band(b * BAND, out));
 }
 
 /// `dst [m, n] = lhs [m, k] x rhs [k, n]`, row-major; `dst` rows are
@@ -441,14 +424,29 @@ fn im2col(image: &[f32], g: &ConvGeometry, cols: &mut [f32], oys: Range<usize>, 
             }
         }
     };
-    let cols = &mut cols[..g.in_channels * k * k * width];
+    for_each_chunk(
+        &mut cols[..g.in_channels * k * k * width],
+        width,
+        parallel,
+        fill,
+    );
+}
+
+/// `f(i, chunk)` for each `len`-value chunk of `buf` (the last may be
+/// shorter), spread over the threads when `parallel`.
+fn for_each_chunk(
+    buf: &mut [f32],
+    len: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
     if parallel {
-        cols.par_chunks_mut(width)
+        buf.par_chunks_mut(len)
             .enumerate()
-            .for_each(|(r, row)| fill(r, row));
+            .for_each(|(i, chunk)| f(i, chunk));
     } else {
-        for (r, row) in cols.chunks_exact_mut(width).enumerate() {
-            fill(r, row);
+        for (i, chunk) in buf.chunks_mut(len).enumerate() {
+            f(i, chunk);
         }
     }
 }
