@@ -9,8 +9,8 @@
 //!   column matrix is built row by row with whole-row copies (stride 1) into a
 //!   buffer reused across the batch; an unpadded 1x1 stride-1 convolution reads
 //!   its input in place.
-//! - Depthwise: a direct loop per channel plane, the taps accumulated into the
-//!   output row with vectorised multiply-adds.
+//! - Depthwise: channels-last per image, the taps accumulated into each
+//!   output pixel with the channels as the vector dimension.
 //! - Threads: with at least as many images as threads, each thread takes whole
 //!   images (no synchronisation inside a layer); otherwise the gemm, the column
 //!   matrix and the epilogue are split across the threads. Rayon's pool is
@@ -199,14 +199,14 @@ const MIN_TILE_COLUMNS: usize = 512;
 
 /// A raw output pointer shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 // SAFETY: the users write disjoint regions (see `dense`).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     // A method, so that closures capture the wrapper and not the raw field.
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -451,150 +451,113 @@ fn for_each_chunk(
     }
 }
 
-/// The inner loops, compiled twice: for the baseline target and with AVX2
-/// and FMA, picked at run time (the default build targets plain x86-64).
+/// `buf = act(buf)`, in parallel chunks of `chunk` values.
+pub(crate) fn finish_rows(buf: &mut [f32], chunk: usize, act: Activation) {
+    for_each_chunk(buf, chunk, true, |_, part| {
+        simd::finish_row(part, 0.0, None, act)
+    });
+}
+
+/// The inner loops, compiled for the baseline target and for AVX2 + FMA.
 mod simd {
     use super::{input_row, ConvGeometry};
     use crate::layers::Activation;
+    use crate::vmath::{avx2_dispatch, gelu, silu};
 
-    /// `row = act(row + bias + residual)`.
-    pub fn finish_row(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { finish_row_avx2(row, bias, residual, act) };
+    avx2_dispatch! {
+        /// `row = act(row + bias + residual)`.
+        pub fn finish_row(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
+            finish_row_inline(row, bias, residual, act)
         }
-        finish_row_generic(row, bias, residual, act)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn finish_row_avx2(
-        row: &mut [f32],
-        bias: f32,
-        residual: Option<&[f32]>,
-        act: Activation,
-    ) {
-        finish_row_generic(row, bias, residual, act)
     }
 
     #[inline(always)]
-    fn finish_row_generic(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
+    fn finish_row_inline(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
         match act {
-            Activation::None => map_row(row, bias, residual, |v| v),
-            Activation::Relu => map_row(row, bias, residual, |v| v.max(0.0)),
-            Activation::Relu6 => map_row(row, bias, residual, |v| v.clamp(0.0, 6.0)),
-            Activation::Silu => map_row(row, bias, residual, silu),
+            Activation::None => map_row::<Identity>(row, bias, residual),
+            Activation::Relu => map_row::<Relu>(row, bias, residual),
+            Activation::Relu6 => map_row::<Relu6>(row, bias, residual),
+            Activation::Silu => map_row::<Silu>(row, bias, residual),
+            Activation::Gelu => map_row::<Gelu>(row, bias, residual),
         }
     }
 
+    /// An activation as a type whose function is always inlined: a closure
+    /// or function item as large as GELU can stay out of line, and the loop
+    /// around the call then does not vectorise.
+    trait Elementwise {
+        fn apply(v: f32) -> f32;
+    }
+
+    macro_rules! elementwise {
+        ($($name:ident: $v:ident => $body:expr;)*) => {$(
+            struct $name;
+            impl Elementwise for $name {
+                #[inline(always)]
+                fn apply($v: f32) -> f32 {
+                    $body
+                }
+            }
+        )*};
+    }
+
+    elementwise! {
+        Identity: v => v;
+        Relu: v => v.max(0.0);
+        Relu6: v => v.clamp(0.0, 6.0);
+        Silu: v => silu(v);
+        Gelu: v => gelu(v);
+    }
+
     #[inline(always)]
-    fn map_row(row: &mut [f32], bias: f32, residual: Option<&[f32]>, f: impl Fn(f32) -> f32) {
+    fn map_row<F: Elementwise>(row: &mut [f32], bias: f32, residual: Option<&[f32]>) {
         match residual {
             Some(r) => {
                 for (y, &r) in row.iter_mut().zip(r) {
-                    *y = f(*y + bias + r);
+                    *y = F::apply(*y + bias + r);
                 }
             }
             None => {
                 for y in row.iter_mut() {
-                    *y = f(*y + bias);
+                    *y = F::apply(*y + bias);
                 }
             }
         }
     }
 
-    /// `x * sigmoid(x)`, with an exp that vectorises.
-    #[inline(always)]
-    pub fn silu(x: f32) -> f32 {
-        x / (1.0 + exp(-x))
-    }
-
-    /// e^x within 2 ulp over the f32 range (Cody-Waite reduction and a
-    /// degree-5 minimax polynomial, the classic single-precision method);
-    /// written without branches or calls so that loops over it vectorise.
-    #[inline(always)]
-    pub fn exp(x: f32) -> f32 {
-        let x = x.clamp(-87.0, 88.0);
-        let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-        let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-        let p = 1.987_569_1e-4;
-        let p = p * r + 1.398_199_9e-3;
-        let p = p * r + 8.333_452e-3;
-        let p = p * r + 4.166_579_6e-2;
-        let p = p * r + 1.666_666_5e-1;
-        let p = p * r + 0.5;
-        let e = p * r * r + r + 1.0;
-        // 2^n built in the exponent bits. n + 127 is an integer in 2..=254
-        // here; adding 2^23 puts it in the low mantissa bits, which avoids a
-        // float-to-int conversion that would not vectorise.
-        let biased = (n + 127.0 + 8_388_608.0).to_bits() - 0x4b00_0000;
-        e * f32::from_bits(biased << 23)
-    }
-
-    /// Output row `oy` of a depthwise convolution, channels-last:
-    /// `out [Wo, C] = act(bias + sum over taps of taps[tap] * xt[pixel])`.
-    pub fn depthwise_row(
-        out: &mut [f32],
-        xt: &[f32],
-        taps: &[f32],
-        bias: &[f32],
-        act: Activation,
-        oy: usize,
-        g: &ConvGeometry,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { depthwise_row_avx2(out, xt, taps, bias, act, oy, g) };
-        }
-        depthwise_row_generic(out, xt, taps, bias, act, oy, g)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn depthwise_row_avx2(
-        out: &mut [f32],
-        xt: &[f32],
-        taps: &[f32],
-        bias: &[f32],
-        act: Activation,
-        oy: usize,
-        g: &ConvGeometry,
-    ) {
-        depthwise_row_generic(out, xt, taps, bias, act, oy, g)
-    }
-
-    #[inline(always)]
-    fn depthwise_row_generic(
-        out: &mut [f32],
-        xt: &[f32],
-        taps: &[f32],
-        bias: &[f32],
-        act: Activation,
-        oy: usize,
-        g: &ConvGeometry,
-    ) {
-        let (c, k) = (g.in_channels, g.kernel);
-        for (ox, acc) in out.chunks_exact_mut(c).enumerate() {
-            acc.copy_from_slice(bias);
-            for ki in 0..k {
-                let Some(iy) = input_row(oy, ki, g) else {
-                    continue;
-                };
-                for kj in 0..k {
-                    let ix = (ox * g.stride + kj * g.dilation) as isize - g.pad_left as isize;
-                    if ix < 0 || ix as usize >= g.width {
+    avx2_dispatch! {
+        /// Output row `oy` of a depthwise convolution, channels-last:
+        /// `out [Wo, C] = act(bias + sum over taps of taps[tap] * xt[pixel])`.
+        pub fn depthwise_row(
+            out: &mut [f32],
+            xt: &[f32],
+            taps: &[f32],
+            bias: &[f32],
+            act: Activation,
+            oy: usize,
+            g: &ConvGeometry,
+        ) {
+            let (c, k) = (g.in_channels, g.kernel);
+            for (ox, acc) in out.chunks_exact_mut(c).enumerate() {
+                acc.copy_from_slice(bias);
+                for ki in 0..k {
+                    let Some(iy) = input_row(oy, ki, g) else {
                         continue;
-                    }
-                    let src = &xt[(iy * g.width + ix as usize) * c..][..c];
-                    let w = &taps[(ki * k + kj) * c..][..c];
-                    for ((a, &w), &v) in acc.iter_mut().zip(w).zip(src) {
-                        *a += w * v;
+                    };
+                    for kj in 0..k {
+                        let ix = (ox * g.stride + kj * g.dilation) as isize - g.pad_left as isize;
+                        if ix < 0 || ix as usize >= g.width {
+                            continue;
+                        }
+                        let src = &xt[(iy * g.width + ix as usize) * c..][..c];
+                        let w = &taps[(ki * k + kj) * c..][..c];
+                        for ((a, &w), &v) in acc.iter_mut().zip(w).zip(src) {
+                            *a += w * v;
+                        }
                     }
                 }
+                finish_row_inline(acc, 0.0, None, act);
             }
-            finish_row_generic(acc, 0.0, None, act);
         }
     }
 }
@@ -602,23 +565,6 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_is_accurate_over_the_range() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let want = (x as f64).exp();
-            let got = simd::exp(x) as f64;
-            worst = worst.max(((got - want) / want).abs());
-            x += 0.0137;
-        }
-        // 2 ulp of f32 is 2.4e-7.
-        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
-        assert_eq!(simd::exp(0.0), 1.0);
-        assert!(simd::silu(-200.0).abs() < 1e-30);
-        assert_eq!(simd::silu(200.0), 200.0);
-    }
 
     #[test]
     fn transpose_any_shape() {

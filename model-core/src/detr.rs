@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::layers::{pad2d, LayerNorm, Linear, Placement};
+use crate::layers::{multi_head_attention, pad2d, Activation, LayerNorm, Linear, Placement};
 use crate::model_error::ModelError;
 use crate::resnet::{ResNet, ResNetConfig};
 use crate::weight_map::{child_indices, dim_of, Shapes, WeightMap};
@@ -96,47 +96,31 @@ impl Attention {
     }
 
     /// Queries `[B, Nq, D]` attend over keys and values `[B, Nk, D]`; `mask`
-    /// `[B, 1, 1, Nk]` is added to the scores (0 or -inf). All heads in one
-    /// batched matmul, one softmax.
+    /// `[B, 1, 1, Nk]` is added to the scores (0 or -inf). Returns
+    /// `residual + attention`, the add done in the output projection.
     fn forward(
         &self,
         queries: &Tensor,
         keys: &Tensor,
         values: &Tensor,
         mask: Option<&Tensor>,
+        residual: &Tensor,
     ) -> Result<Tensor> {
-        let (b, nq, d) = queries.dims3()?;
-        let nk = keys.dim(1)?;
-        let (h, hd) = (self.heads, d / self.heads);
-        let split = |lin: &Linear, x: &Tensor, n: usize| -> Result<Tensor> {
-            lin.forward(&x.reshape((b * n, d))?)?
-                .reshape((b, n, h, hd))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * h, n, hd))
-        };
-        let q = split(&self.q, queries, nq)?;
-        let k = split(&self.k, keys, nk)?;
-        let v = split(&self.v, values, nk)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(mask) = mask {
-            scores = scores
-                .reshape((b, h, nq, nk))?
-                .broadcast_add(mask)?
-                .reshape((b * h, nq, nk))?;
-        }
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ctx = attn
-            .matmul(&v)?
-            .reshape((b, h, nq, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * nq, d))?;
-        self.out.forward(&ctx)?.reshape((b, nq, d))
+        let (b, nk) = (keys.dim(0)?, keys.dim(1)?);
+        let key_bias = mask.map(|m| m.reshape((b, nk))).transpose()?;
+        let ctx = multi_head_attention(
+            &self.q.forward(queries)?,
+            &self.k.forward(keys)?,
+            &self.v.forward(values)?,
+            self.heads,
+            key_bias.as_ref(),
+        )?;
+        self.out
+            .forward_with(&ctx, Activation::None, Some(residual))
     }
 }
 
-/// The feed-forward part of a layer: fc2(relu(fc1(x))).
+/// The feed-forward part of a layer with its residual: x + fc2(relu(fc1(x))).
 #[derive(Debug, Clone)]
 struct FeedForward {
     fc1: Linear,
@@ -151,10 +135,10 @@ impl FeedForward {
         })
     }
 
+    /// `x + fc2(relu(fc1(x)))`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let hidden = self.fc1.forward(&x.reshape((b * n, d))?)?.relu()?;
-        self.fc2.forward(&hidden)?.reshape((b, n, d))
+        let hidden = self.fc1.forward_with(x, Activation::Relu, None)?;
+        self.fc2.forward_with(&hidden, Activation::None, Some(x))
     }
 }
 
@@ -184,10 +168,9 @@ impl EncoderLayer {
     /// Post-norm: the position embeddings go into the queries and keys only.
     fn forward(&self, x: &Tensor, pos: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let qk = (x + pos)?;
-        let x = (x + self.self_attn.forward(&qk, &qk, x, Some(mask))?)?;
+        let x = self.self_attn.forward(&qk, &qk, x, Some(mask), x)?;
         let x = self.self_attn_norm.forward(&x)?;
-        let x = (&x + self.ffn.forward(&x)?)?;
-        self.final_norm.forward(&x)
+        self.final_norm.forward(&self.ffn.forward(&x)?)
     }
 }
 
@@ -224,15 +207,14 @@ impl DecoderLayer {
         mask: &Tensor,
     ) -> Result<Tensor> {
         let qk = x.broadcast_add(query_pos)?;
-        let x = (x + self.self_attn.forward(&qk, &qk, x, None)?)?;
+        let x = self.self_attn.forward(&qk, &qk, x, None, x)?;
         let x = self.self_attn_norm.forward(&x)?;
         let q = x.broadcast_add(query_pos)?;
-        let attended = self
+        let x = self
             .cross_attn
-            .forward(&q, memory_keys, memory, Some(mask))?;
-        let x = self.cross_attn_norm.forward(&(&x + attended)?)?;
-        let x = (&x + self.ffn.forward(&x)?)?;
-        self.final_norm.forward(&x)
+            .forward(&q, memory_keys, memory, Some(mask), &x)?;
+        let x = self.cross_attn_norm.forward(&x)?;
+        self.final_norm.forward(&self.ffn.forward(&x)?)
     }
 }
 

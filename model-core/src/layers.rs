@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
 
 use crate::cpu_conv::{self, ConvGeometry, Epilogue};
+use crate::cpu_transformer;
 use crate::weight_map::WeightMap;
 
 /// Where and in what precision a model's weights live.
@@ -43,6 +44,8 @@ pub enum Activation {
     Relu,
     Relu6,
     Silu,
+    /// The exact (erf) GELU.
+    Gelu,
 }
 
 impl Activation {
@@ -54,6 +57,7 @@ impl Activation {
             // first one a cheap unary op.
             Self::Relu6 => x.relu()?.minimum(6.0),
             Self::Silu => x.silu(),
+            Self::Gelu => x.gelu_erf(),
         }
     }
 }
@@ -633,8 +637,20 @@ impl Phases {
 /// forward is one gemm with no per-call re-layout.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight_t: Tensor,
-    bias: Tensor,
+    in_features: usize,
+    out_features: usize,
+    weights: LinearWeights,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeights {
+    /// f32 on the CPU, for [`cpu_transformer::linear`]: `[in, out]` row-major.
+    Host {
+        weight_t: Arc<[f32]>,
+        bias: Arc<[f32]>,
+    },
+    /// Anywhere else: `[in, out]` and `[out]` on the model's device.
+    Tensors { weight_t: Tensor, bias: Tensor },
 }
 
 impl Linear {
@@ -670,21 +686,171 @@ impl Linear {
 
     /// From f32 CPU `weight` `[out, in]` and `bias` `[out]`.
     pub fn new(weight: &Tensor, bias: &Tensor, placement: &Placement) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        let weights = if placement.device.is_cpu() && placement.dtype == DType::F32 {
+            let host = |t: &Tensor| -> Result<Arc<[f32]>> {
+                Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?.into())
+            };
+            LinearWeights::Host {
+                weight_t: host(&weight.t()?)?,
+                bias: host(bias)?,
+            }
+        } else {
+            LinearWeights::Tensors {
+                weight_t: placement.place(&weight.t()?)?,
+                bias: placement.place(bias)?,
+            }
+        };
         Ok(Self {
-            weight_t: placement.place(&weight.t()?)?,
-            bias: placement.place(bias)?,
+            in_features,
+            out_features,
+            weights,
         })
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight_t.dims()[1]
+        self.out_features
+    }
+
+    /// `act(x W^T + bias + residual)` over the last dimension of `x`;
+    /// `residual`, if any, has the output's shape.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        act: Activation,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (i, o) = (self.in_features, self.out_features);
+        let rows = x.elem_count() / i.max(1);
+        let key = || {
+            let res = if residual.is_some() { " +res" } else { "" };
+            format!("linear {i}->{o} {act:?}{res}")
+        };
+        crate::profile::timed(key, 2 * (rows * i * o) as u64, || {
+            let mut dims = x.dims().to_vec();
+            match dims.last_mut() {
+                Some(last) if *last == i => *last = o,
+                _ => candle_core::bail!("linear {i}->{o} got an input {:?}", x.dims()),
+            }
+            if let Some(r) = residual {
+                if r.dims() != dims.as_slice() {
+                    candle_core::bail!("residual {:?} is not the output {dims:?}", r.dims())
+                }
+            }
+            match &self.weights {
+                LinearWeights::Host { weight_t, bias } => {
+                    let y = with_host_f32(x, |xs| match residual {
+                        Some(r) => with_host_f32(r, |rs| {
+                            cpu_transformer::linear(xs, weight_t, bias, Some(rs), act)
+                        }),
+                        None => Ok(cpu_transformer::linear(xs, weight_t, bias, None, act)),
+                    })??;
+                    Tensor::from_vec(y, dims, &Device::Cpu)
+                }
+                LinearWeights::Tensors { weight_t, bias } => {
+                    let y = x.broadcast_matmul(weight_t)?.broadcast_add(bias)?;
+                    let y = match residual {
+                        Some(r) => (y + r)?,
+                        None => y,
+                    };
+                    act.apply(&y)
+                }
+            }
+        })
     }
 }
 
 impl Module for Linear {
-    /// `[B, in]` -> `[B, out]`.
+    /// `[..., in]` -> `[..., out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
+        self.forward_with(x, Activation::None, None)
+    }
+}
+
+/// Multi-head scaled dot-product attention: `q` `[B, Nq, D]` (already
+/// scaled by `1/sqrt(D / heads)`), `k` and `v` `[B, Nk, D]`, `key_bias`
+/// `[B, Nk]` added to each query's scores (0, or -inf to mask a key).
+/// Returns the context `[B, Nq, D]`, heads concatenated. On the CPU in f32,
+/// `q`, `k` and `v` are read in place when their last dimension is
+/// contiguous (such as column slices of one fused projection).
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    key_bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, nq, d) = q.dims3()?;
+    let nk = k.dim(1)?;
+    if d % heads != 0 || k.dims() != [b, nk, d] || v.dims() != [b, nk, d] {
+        candle_core::bail!(
+            "attention over q {:?}, k {:?}, v {:?} with {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    let hd = d / heads;
+    let flops = 4 * (b * nq * nk * d) as u64;
+    crate::profile::timed(
+        || format!("attention {nq}x{nk} {heads} heads"),
+        flops,
+        || {
+            if q.device().is_cpu() && q.dtype() == DType::F32 {
+                let bias = key_bias.map(|t| t.contiguous()?.flatten_all()?.to_vec1::<f32>());
+                let bias = bias.transpose()?;
+                let y = with_rows(q, |q| {
+                    with_rows(k, |k| {
+                        with_rows(v, |v| {
+                            cpu_transformer::attention(q, k, v, bias.as_deref(), b, heads, hd)
+                        })
+                    })
+                })???;
+                return Tensor::from_vec(y, (b, nq, d), &Device::Cpu);
+            }
+            let split = |x: &Tensor, n: usize| -> Result<Tensor> {
+                x.reshape((b, n, heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((b * heads, n, hd))
+            };
+            let (qh, kh, vh) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
+            let mut scores = qh.matmul(&kh.t()?)?;
+            if let Some(bias) = key_bias {
+                scores = scores
+                    .reshape((b, heads, nq, nk))?
+                    .broadcast_add(&bias.reshape((b, 1, 1, nk))?)?
+                    .reshape((b * heads, nq, nk))?;
+            }
+            candle_nn::ops::softmax_last_dim(&scores)?
+                .matmul(&vh)?
+                .reshape((b, heads, nq, hd))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, nq, d))
+        },
+    )
+}
+
+/// Calls `f` with an f32 CPU tensor `[B, N, D]` as [`cpu_transformer::Rows`],
+/// in place when its last dimension is contiguous.
+fn with_rows<R>(t: &Tensor, f: impl FnOnce(cpu_transformer::Rows) -> R) -> Result<R> {
+    let t = if t.stride()[2] == 1 {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    let (_, len, _) = t.dims3()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(data)) => Ok(f(cpu_transformer::Rows {
+            data,
+            offset: layout.start_offset(),
+            batch_stride: layout.stride()[0],
+            row_stride: layout.stride()[1],
+            len,
+        })),
+        _ => candle_core::bail!("expected an f32 CPU tensor, got {:?}", t.dtype()),
     }
 }
 
@@ -708,7 +874,11 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        crate::profile::timed(
+            || format!("layer_norm {}", self.weight.elem_count()),
+            0,
+            || candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps),
+        )
     }
 }
 

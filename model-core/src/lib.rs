@@ -4,6 +4,7 @@
 
 pub mod classifier;
 pub mod cpu_conv;
+pub mod cpu_transformer;
 pub mod detection;
 pub mod detr;
 pub mod detr_postprocess;
@@ -20,5 +21,6 @@ pub mod render;
 pub mod resnet;
 pub mod topk;
 pub mod vit;
+pub mod vmath;
 pub mod weight_map;
 pub mod yolo;

@@ -19,8 +19,9 @@
 //!
 //! Speed: the query/key/value projections are one `[3D, D]` matmul (the
 //! Hugging Face weights are concatenated once at load), the attention
-//! scale is folded into the query weights, and attention runs as two
-//! batched matmuls over all heads with one softmax per layer. At another
+//! scale is folded into the query weights, attention reads q, k and v in
+//! place from that projection ([`multi_head_attention`]), and the residual
+//! adds and the GELU happen in the projections' outputs. At another
 //! resolution than the checkpoint's, the patch-grid position embeddings are
 //! resampled the way both references do (PyTorch bicubic, a = -0.75,
 //! `align_corners=False`, no antialiasing), once per grid size, and cached.
@@ -30,7 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Module, Result, Tensor};
 
-use crate::layers::{LayerNorm, Linear, Placement};
+use crate::layers::{multi_head_attention, Activation, LayerNorm, Linear, Placement};
 use crate::model_error::ModelError;
 use crate::weight_map::{child_indices, dim_of, Shapes, WeightMap};
 
@@ -368,32 +369,20 @@ impl Block {
 
     /// `x` `[B, N, D]` -> `[B, N, D]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let (h, hd) = (self.heads, d / self.heads);
-        let tokens = x.reshape((b * n, d))?;
-        let qkv = self.qkv.forward(&self.norm1.forward(&tokens)?)?;
-        // [B, N, 3, H, hd] -> [3, B, H, N, hd]: one copy for all three.
-        let qkv = qkv
-            .reshape((b, n, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?
-            .reshape((3, b * h, n, hd))?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let scores = q.matmul(&k.t()?)?;
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ctx = attn
-            .matmul(&v)?
-            .reshape((b, h, n, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * n, d))?;
-        let tokens = (tokens + self.proj.forward(&ctx)?)?;
+        let d = x.dim(2)?;
+        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
+        // q, k and v are column slices of the fused projection.
+        let (q, k, v) = (
+            qkv.narrow(2, 0, d)?,
+            qkv.narrow(2, d, d)?,
+            qkv.narrow(2, 2 * d, d)?,
+        );
+        let ctx = multi_head_attention(&q, &k, &v, self.heads, None)?;
+        let x = self.proj.forward_with(&ctx, Activation::None, Some(x))?;
         let hidden = self
             .fc1
-            .forward(&self.norm2.forward(&tokens)?)?
-            .gelu_erf()?;
-        let tokens = (&tokens + self.fc2.forward(&hidden)?)?;
-        tokens.reshape((b, n, d))
+            .forward_with(&self.norm2.forward(&x)?, Activation::Gelu, None)?;
+        self.fc2.forward_with(&hidden, Activation::None, Some(&x))
     }
 }
 
