@@ -18,6 +18,7 @@
 //!   use (`std::thread::available_parallelism`, which honours the cgroup quota
 //!   of a container).
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use gemm::Parallelism;
@@ -103,9 +104,13 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -
     assert_eq!(weight.len(), o * depth);
     assert_eq!(epilogue.bias.len(), o);
     let per_image = o * n;
-    let mut out = vec![0f32; g.batch * per_image];
+    let total = g.batch * per_image;
+    // Not zeroed: the gemm writes every output without reading it (the
+    // `gemm` crate does not read the destination when `read_dst` is false),
+    // and no reference to the buffer exists before then.
+    let mut out: Vec<f32> = Vec::with_capacity(total);
     if let Some(r) = epilogue.residual {
-        assert_eq!(r.len(), out.len());
+        assert_eq!(r.len(), total);
     }
     let in_place = g.reads_input_in_place();
     let image = |i: usize| &x[i * g.in_channels * g.in_plane()..][..g.in_channels * g.in_plane()];
@@ -125,25 +130,15 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -
 
     if threads == 1 || tiles >= 2 * threads {
         // Enough tiles for every thread: each computes whole tiles alone.
-        (0..tiles).into_par_iter().for_each_init(
-            || {
-                vec![
-                    0f32;
-                    if in_place {
-                        0
-                    } else {
-                        depth * tile_rows * g.out_width
-                    }
-                ]
-            },
-            |cols, t| {
-                let (i, oy0) = (t / tiles_per_image, t % tiles_per_image * tile_rows);
-                let rows = tile_rows.min(g.out_height - oy0);
-                let (c0, width) = (oy0 * g.out_width, rows * g.out_width);
+        (0..tiles).into_par_iter().for_each(|t| {
+            let (i, oy0) = (t / tiles_per_image, t % tiles_per_image * tile_rows);
+            let rows = tile_rows.min(g.out_height - oy0);
+            let (c0, width) = (oy0 * g.out_width, rows * g.out_width);
+            let cols_len = if in_place { 0 } else { depth * width };
+            with_scratch(cols_len, |cols| {
                 let (rhs, rhs_stride) = if in_place {
                     (&image(i)[c0..], n)
                 } else {
-                    let cols = &mut cols[..depth * width];
                     im2col(image(i), g, cols, oy0..oy0 + rows, false);
                     (&cols[..], width)
                 };
@@ -165,8 +160,10 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -
                         epilogue.finish_at(row, i * o + c, c0, n, o);
                     }
                 }
-            },
-        );
+            })
+        });
+        // SAFETY: the tiles have written every output.
+        unsafe { out.set_len(total) };
         return out;
     }
     // Few, small images: one at a time, the gemm split across the threads.
@@ -178,17 +175,44 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -
             im2col(image(i), g, &mut cols, 0..g.out_height, true);
             &cols[..]
         };
-        let y = &mut out[i * per_image..][..per_image];
-        // SAFETY: y is the [o, n] output of image i, rhs the [depth, n] input.
-        unsafe {
+        // SAFETY: y is the [o, n] output of image i, rhs the [depth, n]
+        // input; the gemm writes all of y before it is borrowed.
+        let y = unsafe {
+            let y = dst.get().add(i * per_image);
             let par = Parallelism::Rayon(threads);
-            gemm_into(y.as_mut_ptr(), n, weight, rhs, n, (o, n, depth), par);
-        }
+            gemm_into(y, n, weight, rhs, n, (o, n, depth), par);
+            std::slice::from_raw_parts_mut(y, per_image)
+        };
         y.par_chunks_mut(n)
             .enumerate()
             .for_each(|(c, row)| epilogue.finish_at(row, i * o + c, 0, n, o));
     }
+    // SAFETY: every image's output has been written.
+    unsafe { out.set_len(total) };
     out
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of this thread's scratch buffer, which is kept
+/// for the next layer and request (no allocation, no zeroing). Its contents
+/// are left over from earlier use: `f` must write before it reads. The
+/// buffer grows to the largest tile's column matrix (at most
+/// MIN_TILE_COLUMNS x the deepest layer's C*k*k, 9 MiB for 512 channels).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        // A thread waiting inside a parallel section can run another
+        // layer's tile (rayon's work stealing) while its buffer is lent.
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Floats of column matrix per tile (1 MiB): about what a core's L2 cache holds.

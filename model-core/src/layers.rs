@@ -451,6 +451,11 @@ impl Module for Conv2d {
     }
 }
 
+/// Whether `t` is f32 on the CPU: the host kernels' domain.
+pub fn is_host_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
 /// Calls `f` with the elements of an f32 CPU tensor in row-major order,
 /// without a copy when the tensor is already contiguous.
 pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {

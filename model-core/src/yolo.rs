@@ -46,8 +46,11 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::layers::{Activation, Conv2d, ConvSpec, Padding, Placement};
+use rayon::prelude::*;
+
+use crate::layers::{is_host_f32, with_host_f32, Activation, Conv2d, ConvSpec, Padding, Placement};
 pub use crate::model_error::ModelError;
+use crate::vmath::{avx2_dispatch, exp};
 use crate::weight_map::{child_indices, dim_of, Shapes, WeightMap};
 
 /// The batch-norm epsilon of both Ultralytics code bases (`initialize_weights`).
@@ -438,9 +441,44 @@ struct Sppf {
 /// with -inf). Replicating the edge gives the same maxima: every window
 /// that reaches past the edge contains the edge pixel itself.
 fn max_pool5(x: &Tensor) -> Result<Tensor> {
-    x.pad_with_same(2, 2, 2)?
-        .pad_with_same(3, 2, 2)?
-        .max_pool2d_with_stride(5, 1)
+    if !is_host_f32(x) {
+        return x
+            .pad_with_same(2, 2, 2)?
+            .pad_with_same(3, 2, 2)?
+            .max_pool2d_with_stride(5, 1);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let y = with_host_f32(x, |x| {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(out, plane)| max_pool5_plane(plane, out, w));
+        out
+    })?;
+    Tensor::from_vec(y, (b, c, h, w), &Device::Cpu)
+}
+
+/// The 5x5 window maximum of one `[H, W]` plane, as a row pass and a column
+/// pass (a max filter is separable); windows are cut at the edges.
+fn max_pool5_plane(plane: &[f32], out: &mut [f32], w: usize) {
+    let h = plane.len() / w;
+    let window = |n: usize, i: usize| i.saturating_sub(2)..(i + 3).min(n);
+    let mut rows = vec![0f32; plane.len()];
+    for (src, dst) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
+        for (x, d) in dst.iter_mut().enumerate() {
+            *d = src[window(w, x)]
+                .iter()
+                .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        }
+    }
+    for (y, dst) in out.chunks_exact_mut(w).enumerate() {
+        dst.fill(f32::NEG_INFINITY);
+        for src in window(h, y).map(|yy| &rows[yy * w..][..w]) {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = d.max(v);
+            }
+        }
+    }
 }
 
 impl Module for Sppf {
@@ -752,9 +790,20 @@ impl V8Head {
         let anchors = box_logits.dim(2)?;
         // DFL: softmax over the bins of each side, expectation against the
         // bins' values; sum(e * v) / sum(e) saves normalising every bin.
-        let d = box_logits.reshape((b, 4, self.reg_max, anchors))?;
-        let e = d.broadcast_sub(&d.max_keepdim(2)?)?.exp()?;
-        let dist = e.broadcast_mul(&self.bins)?.sum(2)?.div(&e.sum(2)?)?;
+        let dist = if is_host_f32(&box_logits) {
+            let y = with_host_f32(&box_logits, |logits| {
+                with_host_f32(&self.bins, |bins| {
+                    let mut dist = vec![0f32; b * 4 * anchors];
+                    dfl_rows(&mut dist, logits, bins, anchors);
+                    dist
+                })
+            })??;
+            Tensor::from_vec(y, (b, 4, anchors), &Device::Cpu)?
+        } else {
+            let d = box_logits.reshape((b, 4, self.reg_max, anchors))?;
+            let e = d.broadcast_sub(&d.max_keepdim(2)?)?.exp()?;
+            e.broadcast_mul(&self.bins)?.sum(2)?.div(&e.sum(2)?)?
+        };
         // dist2bbox (left, top, right, bottom -> centre, size), as Ultralytics
         // computes it, then times the stride.
         let lt = dist.narrow(1, 0, 2)?;
@@ -765,6 +814,38 @@ impl V8Head {
         let size = (x2y2 - x1y1)?;
         let boxes = Tensor::cat(&[centre, size], 1)?.broadcast_mul(&grids.strides)?;
         Tensor::cat(&[boxes, candle_nn::ops::sigmoid(&cls_logits)?], 1)
+    }
+}
+
+avx2_dispatch! {
+    /// DFL on the CPU: logits `[B * 4, R, A]` (R bins per side) ->
+    /// distances `[B * 4, A]`, `sum(e * v) / sum(e)` with `e = exp(l - max)`.
+    /// The anchors are the vector dimension: each step is a pass over rows.
+    fn dfl_rows(dist: &mut [f32], logits: &[f32], bins: &[f32], anchors: usize) {
+        let r = bins.len();
+        let mut max = vec![0f32; anchors];
+        let mut den = vec![0f32; anchors];
+        for (side, dist) in dist.chunks_exact_mut(anchors).enumerate() {
+            let rows = &logits[side * r * anchors..][..r * anchors];
+            max.fill(f32::NEG_INFINITY);
+            for row in rows.chunks_exact(anchors) {
+                for (m, &l) in max.iter_mut().zip(row) {
+                    *m = m.max(l);
+                }
+            }
+            den.fill(0.0);
+            dist.fill(0.0);
+            for (row, &v) in rows.chunks_exact(anchors).zip(bins) {
+                for (((d, s), &l), &m) in dist.iter_mut().zip(den.iter_mut()).zip(row).zip(&max) {
+                    let e = exp(l - m);
+                    *s += e;
+                    *d += e * v;
+                }
+            }
+            for (d, &s) in dist.iter_mut().zip(&den) {
+                *d /= s;
+            }
+        }
     }
 }
 
@@ -1072,6 +1153,48 @@ fn variant_name(version: YoloVersion, signature: &[(usize, usize)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_max_pool_matches_candle() -> Result<()> {
+        for (h, w) in [(1, 1), (3, 7), (20, 20), (9, 2)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu)?;
+            let got = max_pool5(&x)?;
+            // f64 takes candle's padded max_pool2d.
+            let want = max_pool5(&x.to_dtype(DType::F64)?)?.to_dtype(DType::F32)?;
+            let diff = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{h}x{w}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn host_dfl_is_the_expected_bin() {
+        // 2 images x 4 sides, 16 bins, 5 anchors.
+        let (r, a) = (16, 5);
+        let logits: Vec<f32> = (0..2 * 4 * r * a)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let bins: Vec<f32> = (0..r).map(|v| v as f32).collect();
+        let mut dist = vec![0f32; 2 * 4 * a];
+        dfl_rows(&mut dist, &logits, &bins, a);
+        for side in 0..8 {
+            for anchor in 0..a {
+                let l: Vec<f64> = (0..r)
+                    .map(|k| logits[(side * r + k) * a + anchor] as f64)
+                    .collect();
+                let max = l.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = l.iter().map(|v| (v - max).exp()).collect();
+                let want = e.iter().zip(&bins).map(|(e, &v)| e * v as f64).sum::<f64>()
+                    / e.iter().sum::<f64>();
+                let got = dist[side * a + anchor] as f64;
+                assert!((got - want).abs() < 1e-5 * want.max(1.0), "{got} vs {want}");
+            }
+        }
+    }
 
     /// The published layer widths of yolov8n/s and yolov5s.
     #[test]
