@@ -1,22 +1,22 @@
 //! f32 convolutions on the CPU over NCHW buffers, for the two kinds of
 //! convolution the conv families run: dense k x k (including 1x1) and
 //! depthwise. Each writes its output once: bias, an optional residual and the
-//! activation are applied while a row of the output is still in cache.
+//! activation are applied while a tile of the output is still in cache.
 //!
-//! - Dense: one gemm (the `gemm` crate, the same engine as candle's matmul)
-//!   per image, `[O, C*k*k] x [C*k*k, Ho*Wo]`. The weights stay in PyTorch's
-//!   `[O, C, k, k]` order, so they are packed at load time by a reshape. The
-//!   column matrix is built row by row with whole-row copies (stride 1) into a
-//!   buffer reused across the batch; an unpadded 1x1 stride-1 convolution reads
-//!   its input in place.
+//! - Dense: tiles of output rows, each one gemm (the `gemm` crate, the same
+//!   engine as candle's matmul) `[O, C*k*k] x [C*k*k, tile]` over a column
+//!   matrix built in a per-thread scratch buffer (an unpadded 1x1 stride-1
+//!   convolution reads its input in place). The weights stay in PyTorch's
+//!   `[O, C, k, k]` order, so packing them at load time is a reshape.
 //! - Depthwise: channels-last per image, the taps accumulated into each
 //!   output pixel with the channels as the vector dimension.
-//! - Threads: with at least as many images as threads, each thread takes whole
-//!   images (no synchronisation inside a layer); otherwise the gemm, the column
-//!   matrix and the epilogue are split across the threads. Rayon's pool is
-//!   sized by `RAYON_NUM_THREADS` or, by default, the CPUs this process may
-//!   use (`std::thread::available_parallelism`, which honours the cgroup quota
-//!   of a container).
+//! - Threads: with enough tiles, each thread computes whole tiles alone (no
+//!   synchronisation inside a layer); otherwise images are taken one at a
+//!   time and the gemm, the column matrix and the epilogue are split across
+//!   the threads. Rayon's pool is sized by `RAYON_NUM_THREADS` or, by
+//!   default, the CPUs this process may use
+//!   (`std::thread::available_parallelism`, which honours the cgroup quota of
+//!   a container).
 
 use std::cell::RefCell;
 use std::ops::Range;

@@ -189,7 +189,7 @@ def bench_http(fovea, spec, seconds, threads, tmp, route):
             except OSError:
                 time.sleep(0.1)
         rows = {}
-        for conc in (1, 8):
+        for conc in (1, 4, 16):
             out = subprocess.run([fovea, "bench", "--http", f"http://127.0.0.1:{port}{route}", "--image", jpeg,
                                   "--concurrency", str(conc), "--seconds", str(seconds), "--json"],
                                  check=True, capture_output=True, text=True).stdout
