@@ -105,10 +105,10 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -
     assert_eq!(epilogue.bias.len(), o);
     let per_image = o * n;
     let total = g.batch * per_image;
-    // Not zeroed: the gemm writes every output without reading it (the
-    // `gemm` crate does not read the destination when `read_dst` is false),
-    // and no reference to the buffer exists before then.
-    let mut out: Vec<f32> = Vec::with_capacity(total);
+    // Zeroed although the gemm overwrites it: for a partial edge tile the
+    // `gemm` crate copies the destination into a temporary first, and
+    // reading uninitialised memory would be undefined behaviour.
+    let mut out = vec![0f32; total];
     if let Some(r) = epilogue.residual {
         assert_eq!(r.len(), total);
     }
@@ -162,8 +162,6 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -
                 }
             })
         });
-        // SAFETY: the tiles have written every output.
-        unsafe { out.set_len(total) };
         return out;
     }
     // Few, small images: one at a time, the gemm split across the threads.
@@ -175,20 +173,16 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -
             im2col(image(i), g, &mut cols, 0..g.out_height, true);
             &cols[..]
         };
-        // SAFETY: y is the [o, n] output of image i, rhs the [depth, n]
-        // input; the gemm writes all of y before it is borrowed.
-        let y = unsafe {
-            let y = dst.get().add(i * per_image);
+        let y = &mut out[i * per_image..][..per_image];
+        // SAFETY: y is the [o, n] output of image i, rhs the [depth, n] input.
+        unsafe {
             let par = Parallelism::Rayon(threads);
-            gemm_into(y, n, weight, rhs, n, (o, n, depth), par);
-            std::slice::from_raw_parts_mut(y, per_image)
-        };
+            gemm_into(y.as_mut_ptr(), n, weight, rhs, n, (o, n, depth), par);
+        }
         y.par_chunks_mut(n)
             .enumerate()
             .for_each(|(c, row)| epilogue.finish_at(row, i * o + c, 0, n, o));
     }
-    // SAFETY: every image's output has been written.
-    unsafe { out.set_len(total) };
     out
 }
 
