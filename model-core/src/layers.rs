@@ -35,6 +35,16 @@ impl Placement {
             .to_device(&self.device)?
             .contiguous()
     }
+
+    /// Whether the model runs on the host kernels (f32 on the CPU).
+    pub fn is_host_f32(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
+    }
+}
+
+/// A folded f32 CPU tensor's elements, row-major, for the host kernels.
+fn host_vec(t: &Tensor) -> Result<Arc<[f32]>> {
+    Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?.into())
 }
 
 /// The activations the supported families use.
@@ -264,14 +274,12 @@ impl Conv2d {
         // A 1x1 convolution never pads under TF 'same' (ceil(in / s) outputs
         // fit without), and timm's symmetric padding for it is 0.
         let unpadded = matches!(spec.padding, Padding::Symmetric(0) | Padding::TfSame);
-        let cpu_f32 = placement.device.is_cpu() && placement.dtype == DType::F32;
-        let host =
-            |t: &Tensor| -> Result<Arc<[f32]>> { Ok(t.flatten_all()?.to_vec1::<f32>()?.into()) };
+        let cpu_f32 = placement.is_host_f32();
         let kernel = if cpu_f32 && spec.groups == 1 {
-            ConvKernel::CpuDense(host(weight)?, host(bias)?)
+            ConvKernel::CpuDense(host_vec(weight)?, host_vec(bias)?)
         } else if cpu_f32 && spec.is_depthwise() {
-            let packed = cpu_conv::pack_depthwise(&host(weight)?, o);
-            ConvKernel::CpuDepthwise(packed.into(), host(bias)?)
+            let packed = cpu_conv::pack_depthwise(&host_vec(weight)?, o);
+            ConvKernel::CpuDepthwise(packed.into(), host_vec(bias)?)
         } else if k == 1 && spec.groups == 1 && spec.dilation == 1 && unpadded {
             ConvKernel::Pointwise(placement.place(&weight.reshape((o, c))?)?)
         } else if spec.is_depthwise() {
@@ -692,13 +700,10 @@ impl Linear {
     /// From f32 CPU `weight` `[out, in]` and `bias` `[out]`.
     pub fn new(weight: &Tensor, bias: &Tensor, placement: &Placement) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        let weights = if placement.device.is_cpu() && placement.dtype == DType::F32 {
-            let host = |t: &Tensor| -> Result<Arc<[f32]>> {
-                Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?.into())
-            };
+        let weights = if placement.is_host_f32() {
             LinearWeights::Host {
-                weight_t: host(&weight.t()?)?,
-                bias: host(bias)?,
+                weight_t: host_vec(&weight.t()?)?,
+                bias: host_vec(bias)?,
             }
         } else {
             LinearWeights::Tensors {
@@ -801,7 +806,7 @@ pub fn multi_head_attention(
         || format!("attention {nq}x{nk} {heads} heads"),
         flops,
         || {
-            if q.device().is_cpu() && q.dtype() == DType::F32 {
+            if is_host_f32(q) {
                 let bias = key_bias.map(|t| t.contiguous()?.flatten_all()?.to_vec1::<f32>());
                 let bias = bias.transpose()?;
                 let y = with_rows(q, |q| {
