@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the CPU convolution kernels on the layer shapes that
 //! dominate the families' profiles (`fovea bench --profile`), beside candle's
-//! own `conv2d` on the same input: GFLOP/s, higher is better.
+//! own `conv2d` on the same input, and of Fovea's gemm beside the `gemm`
+//! crate (candle's matmul engine): GFLOP/s, higher is better.
 //!
 //! `cargo bench -p fovea-model-core --bench kernels [-- FILTER]`
 //! (`RAYON_NUM_THREADS` sets the threads; prints figures, asserts nothing.)
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Module, Tensor};
 use fovea_model_core::layers::{Activation, Conv2d, ConvSpec, Placement};
+use fovea_model_core::sgemm::{self, Lhs, PackedLhs, PackedRhs, Rhs};
 
 /// (name, batch, in, out, kernel, stride, groups, size, activation)
 // The allocator `fovea` runs with.
@@ -135,6 +137,101 @@ const CASES: &[Case] = &[
     ),
 ];
 
+/// (name, m, n, k) of `[m, k] x [k, n]`, with the weights on the packed side.
+const GEMMS: &[(&str, usize, usize, usize)] = &[
+    // ViT-B/16 at batch 8 (1576 tokens): activations x packed weights.
+    ("gemm vit fc1 b8", 1576, 3072, 768),
+    ("gemm vit fc2 b8", 1576, 768, 3072),
+    ("gemm vit qkv b1", 197, 2304, 768),
+    // ResNet-50 convolutions as packed weights x a column tile.
+    ("gemm r50 3x3 256 14px", 256, 196, 2304),
+    ("gemm r50 1x1 1024>256", 256, 784, 1024),
+    ("gemm yolo 3x3 32 tile", 32, 512, 288),
+];
+
+fn gemm_cases(filter: Option<&String>) {
+    let threads = rayon::current_num_threads();
+    let values = |len: usize| {
+        (0..len)
+            .map(|i| (i % 17) as f32 / 17.0 - 0.5)
+            .collect::<Vec<_>>()
+    };
+    for &(name, m, n, k) in GEMMS {
+        if filter.is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        let (a, b) = (values(m * k), values(k * n));
+        let weights_left = name.contains("r50") || name.contains("yolo");
+        let (pa, pb) = if weights_left {
+            (Some(PackedLhs::new(&a, m, k)), None)
+        } else {
+            let bt: Vec<f32> = (0..n * k).map(|i| b[i % k * n + i / k]).collect();
+            (None, Some(PackedRhs::from_transposed(&bt, k, n)))
+        };
+        let mut c = vec![0f32; m * n];
+        let cp = c.as_mut_ptr() as usize;
+        let ours = time(&|| {
+            let lhs = pa.as_ref().map_or(
+                Lhs::Rows {
+                    data: &a,
+                    stride: k,
+                },
+                Lhs::Packed,
+            );
+            let rhs = pb.as_ref().map_or(
+                Rhs::Rows {
+                    data: &b,
+                    stride: n,
+                },
+                Rhs::Packed,
+            );
+            // SAFETY: c is m x n and only this call touches it.
+            unsafe { sgemm::matmul(cp as *mut f32, n, lhs, rhs, (m, n, k), false, true) }
+        });
+        let crate_gemm = time(&|| {
+            let par = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: as above; row-major operands.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    cp as *mut f32,
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        });
+        let flops = 2.0 * (m * n * k) as f64;
+        let gf = |t: Duration| flops / t.as_secs_f64() / 1e9;
+        let ms = |t: Duration| t.as_secs_f64() * 1e3;
+        println!(
+            "{name:24} {:10.2} {:10.1} {:10.2} {:10.1}",
+            ms(ours),
+            gf(ours),
+            ms(crate_gemm),
+            gf(crate_gemm)
+        );
+    }
+}
+
 fn time(f: &dyn Fn()) -> Duration {
     f();
     let mut times = Vec::new();
@@ -193,5 +290,10 @@ fn main() -> candle_core::Result<()> {
         }
         println!();
     }
+    println!(
+        "\n{:24} {:>10} {:>10} {:>10} {:>10}",
+        "matmul", "Fovea ms", "GFLOP/s", "gemm ms", "GFLOP/s"
+    );
+    gemm_cases(filter.as_ref());
     Ok(())
 }

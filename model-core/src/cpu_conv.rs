@@ -3,11 +3,11 @@
 //! depthwise. Each writes its output once: bias, an optional residual and the
 //! activation are applied while a tile of the output is still in cache.
 //!
-//! - Dense: tiles of output rows, each one gemm (the `gemm` crate, the same
-//!   engine as candle's matmul) `[O, C*k*k] x [C*k*k, tile]` over a column
-//!   matrix built in a per-thread scratch buffer (an unpadded 1x1 stride-1
-//!   convolution reads its input in place). The weights stay in PyTorch's
-//!   `[O, C, k, k]` order, so packing them at load time is a reshape.
+//! - Dense: tiles of output rows, each one gemm ([`sgemm`])
+//!   `[O, C*k*k] x [C*k*k, tile]` over a column matrix built in a per-thread
+//!   scratch buffer (an unpadded 1x1 stride-1 convolution reads its input in
+//!   place). The weights, PyTorch's `[O, C, k, k]` order, are packed into the
+//!   gemm's row panels at load time.
 //! - Depthwise: channels-last per image, the taps accumulated into each
 //!   output pixel with the channels as the vector dimension.
 //! - Threads: with enough tiles, each thread computes whole tiles alone (no
@@ -21,10 +21,10 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::layers::Activation;
+use crate::sgemm::{self, Lhs, PackedLhs, Rhs};
 
 /// The sizes a convolution reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,29 +96,28 @@ impl Epilogue<'_> {
 }
 
 /// Dense convolution (one group) of `x` `[B, C, H, W]` with `weight`
-/// `[O, C, k, k]` (flattened), returning `[B, O, Ho, Wo]`.
-pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -> Vec<f32> {
+/// `[O, C * k * k]` (packed), returning `[B, O, Ho, Wo]`.
+pub fn dense(x: &[f32], g: &ConvGeometry, weight: &PackedLhs, epilogue: &Epilogue) -> Vec<f32> {
     let (n, o) = (g.out_plane(), g.out_channels);
     let depth = g.in_channels * g.kernel * g.kernel;
     assert_eq!(x.len(), g.batch * g.in_channels * g.in_plane());
-    assert_eq!(weight.len(), o * depth);
+    assert_eq!((weight.rows(), weight.depth()), (o, depth));
     assert_eq!(epilogue.bias.len(), o);
     let per_image = o * n;
     let total = g.batch * per_image;
-    // Zeroed although the gemm overwrites it: for a partial edge tile the
-    // `gemm` crate copies the destination into a temporary first, and
-    // reading uninitialised memory would be undefined behaviour.
-    let mut out = vec![0f32; total];
     if let Some(r) = epilogue.residual {
         assert_eq!(r.len(), total);
     }
+    // Left uninitialised: the gemm writes every value (without reading)
+    // before the epilogue reads it, and the length is set after that.
+    let mut out = Vec::<f32>::with_capacity(total);
     let in_place = g.reads_input_in_place();
     let image = |i: usize| &x[i * g.in_channels * g.in_plane()..][..g.in_channels * g.in_plane()];
+    let lhs = Lhs::Packed(weight);
 
     // Tiles of whole output rows, sized so that a tile's column matrix stays
     // in the core's cache between being written and being read by the gemm
-    // (and its output between the gemm and the epilogue), but wide enough
-    // that the gemm's packing of the weights is paid over many columns.
+    // (and its output between the gemm and the epilogue).
     let tile_rows = (TILE_FLOATS / depth.max(1))
         .max(MIN_TILE_COLUMNS)
         .div_ceil(g.out_width)
@@ -136,25 +135,24 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -
             let (c0, width) = (oy0 * g.out_width, rows * g.out_width);
             let cols_len = if in_place { 0 } else { depth * width };
             with_scratch(cols_len, |cols| {
-                let (rhs, rhs_stride) = if in_place {
-                    (&image(i)[c0..], n)
+                let rhs = if in_place {
+                    Rhs::Rows {
+                        data: &image(i)[c0..],
+                        stride: n,
+                    }
                 } else {
                     im2col(image(i), g, cols, oy0..oy0 + rows, false);
-                    (&cols[..], width)
+                    Rhs::Rows {
+                        data: cols,
+                        stride: width,
+                    }
                 };
                 // SAFETY: tile t writes columns c0..c0 + width of image i's
-                // `o` rows, which no other tile writes; `out` outlives the loop.
+                // `o` rows, which no other tile writes; `out` has capacity
+                // for them and outlives the loop.
                 unsafe {
                     let y = dst.get().add(i * per_image + c0);
-                    gemm_into(
-                        y,
-                        n,
-                        weight,
-                        rhs,
-                        rhs_stride,
-                        (o, width, depth),
-                        Parallelism::None,
-                    );
+                    sgemm::matmul(y, n, lhs, rhs, (o, width, depth), false, false);
                     for c in 0..o {
                         let row = std::slice::from_raw_parts_mut(y.add(c * n), width);
                         epilogue.finish_at(row, i * o + c, c0, n, o);
@@ -162,27 +160,34 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &[f32], epilogue: &Epilogue) -
                 }
             })
         });
-        return out;
-    }
-    // Few, small images: one at a time, the gemm split across the threads.
-    let mut cols = vec![0f32; if in_place { 0 } else { depth * n }];
-    for i in 0..g.batch {
-        let rhs = if in_place {
-            image(i)
-        } else {
-            im2col(image(i), g, &mut cols, 0..g.out_height, true);
-            &cols[..]
-        };
-        let y = &mut out[i * per_image..][..per_image];
-        // SAFETY: y is the [o, n] output of image i, rhs the [depth, n] input.
-        unsafe {
-            let par = Parallelism::Rayon(threads);
-            gemm_into(y.as_mut_ptr(), n, weight, rhs, n, (o, n, depth), par);
+    } else {
+        // Few, small images: one at a time, the gemm split across the threads.
+        let mut cols = vec![0f32; if in_place { 0 } else { depth * n }];
+        for i in 0..g.batch {
+            let rhs = if in_place {
+                image(i)
+            } else {
+                im2col(image(i), g, &mut cols, 0..g.out_height, true);
+                &cols[..]
+            };
+            let rhs = Rhs::Rows {
+                data: rhs,
+                stride: n,
+            };
+            // SAFETY: image i's [o, n] output lies within out's capacity and
+            // is written whole by the gemm before it is read.
+            let y = unsafe {
+                let y = dst.get().add(i * per_image);
+                sgemm::matmul(y, n, lhs, rhs, (o, n, depth), false, true);
+                std::slice::from_raw_parts_mut(y, per_image)
+            };
+            y.par_chunks_mut(n)
+                .enumerate()
+                .for_each(|(c, row)| epilogue.finish_at(row, i * o + c, 0, n, o));
         }
-        y.par_chunks_mut(n)
-            .enumerate()
-            .for_each(|(c, row)| epilogue.finish_at(row, i * o + c, 0, n, o));
     }
+    // SAFETY: every value was written above.
+    unsafe { out.set_len(total) };
     out
 }
 
@@ -211,8 +216,8 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// Floats of column matrix per tile (1 MiB): about what a core's L2 cache holds.
 const TILE_FLOATS: usize = 256 * 1024;
-/// The narrowest tile: below this the gemm's per-call packing of the weights
-/// costs more than the cache saves.
+/// The narrowest tile: narrower ones would pay the gemm's per-call work
+/// (packing the column block) over too few columns.
 const MIN_TILE_COLUMNS: usize = 512;
 
 /// A raw output pointer shared by tasks that write disjoint parts of it.
@@ -347,47 +352,6 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32], parallel: b
     for_each_chunk(dst, BAND * rows, parallel, |b, out| band(b * BAND, out));
 }
 
-/// `dst [m, n] = lhs [m, k] x rhs [k, n]`, row-major; `dst` rows are
-/// `dst_stride` apart and `rhs` rows `rhs_stride` apart (so that a tile of
-/// columns can be read and written in place).
-///
-/// # Safety
-/// `dst` must be valid for writes of `m` rows of `n` values `dst_stride`
-/// apart, and not overlap `lhs` or `rhs`.
-unsafe fn gemm_into(
-    dst: *mut f32,
-    dst_stride: usize,
-    lhs: &[f32],
-    rhs: &[f32],
-    rhs_stride: usize,
-    (m, n, k): (usize, usize, usize),
-    par: Parallelism,
-) {
-    assert!(lhs.len() >= m * k);
-    assert!(k == 0 || rhs.len() >= (k - 1) * rhs_stride + n);
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_stride as isize,
-        false,
-        lhs.as_ptr(),
-        1,
-        k as isize,
-        rhs.as_ptr(),
-        1,
-        rhs_stride as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        par,
-    )
-}
-
 /// The range `[lo, hi)` of output columns whose input column
 /// `ox * stride + offset` lies inside `0..width`.
 fn valid_columns(offset: isize, stride: usize, width: usize, out_width: usize) -> (usize, usize) {
@@ -476,7 +440,6 @@ pub(crate) fn finish_rows(buf: &mut [f32], chunk: usize, act: Activation) {
     });
 }
 
-/// The inner loops, compiled for the baseline target and for AVX2 + FMA.
 mod simd {
     use super::{input_row, ConvGeometry};
     use crate::layers::Activation;

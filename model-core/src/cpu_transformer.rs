@@ -6,14 +6,16 @@
 //!   split into `[B, H, N, hd]`), and the context is written straight into the
 //!   `[B, N, H * hd]` rows the output projection reads (no merge). A task
 //!   depends only on its own image, so an answer never depends on batchmates.
-//! - Linear: the output starts as bias (+ residual), the gemm accumulates
-//!   into it, and the activation is applied in a last pass.
+//! - Linear: the output starts as bias (+ residual), Fovea's gemm
+//!   accumulates into it over the weights packed at load time, and the
+//!   activation is applied in a last pass.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::cpu_conv::{finish_rows, SharedMut};
 use crate::layers::Activation;
+use crate::sgemm::{self, Lhs, PackedRhs, Rhs};
 use crate::vmath::{avx2_dispatch, exp};
 
 /// Sequences of feature rows in a buffer: feature `c` of row `i` of sequence
@@ -203,14 +205,13 @@ avx2_dispatch! {
 /// row-major; `bias` is `[n]`, `residual` `[rows, n]`. Returns `[rows, n]`.
 pub fn linear(
     x: &[f32],
-    w: &[f32],
+    w: &PackedRhs,
     bias: &[f32],
     residual: Option<&[f32]>,
     act: Activation,
 ) -> Vec<f32> {
-    let n = bias.len();
-    let k = w.len() / n.max(1);
-    assert_eq!(w.len(), k * n, "weight is not [k, n]");
+    let (k, n) = (w.depth(), w.columns());
+    assert_eq!(bias.len(), n, "bias is not [n]");
     let rows = x.len() / k.max(1);
     assert_eq!(x.len(), rows * k, "input is not [rows, k]");
     let mut out = vec![0f32; rows * n];
@@ -233,34 +234,17 @@ pub fn linear(
             }
         }
     });
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: out is rows x n, x is rows x k, w is k x n, all row-major.
+    let lhs = Lhs::Rows { data: x, stride: k };
+    // SAFETY: out is rows x n, initialised, and not shared.
     unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
+        sgemm::matmul(
             out.as_mut_ptr(),
-            1,
-            n as isize,
+            n,
+            lhs,
+            Rhs::Packed(w),
+            (rows, n, k),
             true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
+            true,
         )
     }
     if act != Activation::None {
@@ -410,9 +394,11 @@ mod tests {
             values(n, 6),
             values(rows * n, 7),
         );
+        let wt: Vec<f32> = (0..n * k).map(|i| w[i % k * n + i / k]).collect();
         for act in [Activation::None, Activation::Relu, Activation::Gelu] {
             for residual in [None, Some(&res[..])] {
-                let got = linear(&x, &w, &bias, residual, act);
+                let packed = PackedRhs::from_transposed(&wt, k, n);
+                let got = linear(&x, &packed, &bias, residual, act);
                 let want: Vec<f64> = (0..rows * n)
                     .map(|idx| {
                         let (i, j) = (idx / n, idx % n);

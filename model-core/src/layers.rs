@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D}
 
 use crate::cpu_conv::{self, ConvGeometry, Epilogue};
 use crate::cpu_transformer;
+use crate::sgemm::{PackedLhs, PackedRhs};
 use crate::weight_map::WeightMap;
 
 /// Where and in what precision a model's weights live.
@@ -153,8 +154,8 @@ impl ConvSpec {
 #[derive(Debug, Clone)]
 enum ConvKernel {
     /// f32 on the CPU, one group: Fovea's own kernel ([`cpu_conv::dense`]),
-    /// weights `[O, C, k, k]` flattened, bias `[O]`.
-    CpuDense(Arc<[f32]>, Arc<[f32]>),
+    /// weights `[O, C * k * k]` packed for the gemm, bias `[O]`.
+    CpuDense(PackedLhs, Arc<[f32]>),
     /// f32 on the CPU, depthwise ([`cpu_conv::depthwise`]): taps
     /// `[k, k, C]` ([`cpu_conv::pack_depthwise`]), bias `[C]`.
     CpuDepthwise(Arc<[f32]>, Arc<[f32]>),
@@ -276,7 +277,8 @@ impl Conv2d {
         let unpadded = matches!(spec.padding, Padding::Symmetric(0) | Padding::TfSame);
         let cpu_f32 = placement.is_host_f32();
         let kernel = if cpu_f32 && spec.groups == 1 {
-            ConvKernel::CpuDense(host_vec(weight)?, host_vec(bias)?)
+            let packed = PackedLhs::new(&host_vec(weight)?, o, c * k * k);
+            ConvKernel::CpuDense(packed, host_vec(bias)?)
         } else if cpu_f32 && spec.is_depthwise() {
             let packed = cpu_conv::pack_depthwise(&host_vec(weight)?, o);
             ConvKernel::CpuDepthwise(packed.into(), host_vec(bias)?)
@@ -657,9 +659,10 @@ pub struct Linear {
 
 #[derive(Debug, Clone)]
 enum LinearWeights {
-    /// f32 on the CPU, for [`cpu_transformer::linear`]: `[in, out]` row-major.
+    /// f32 on the CPU, for [`cpu_transformer::linear`]: `[in, out]` packed
+    /// for the gemm.
     Host {
-        weight_t: Arc<[f32]>,
+        weight_t: PackedRhs,
         bias: Arc<[f32]>,
     },
     /// Anywhere else: `[in, out]` and `[out]` on the model's device.
@@ -702,7 +705,7 @@ impl Linear {
         let (out_features, in_features) = weight.dims2()?;
         let weights = if placement.is_host_f32() {
             LinearWeights::Host {
-                weight_t: host_vec(&weight.t()?)?,
+                weight_t: PackedRhs::from_transposed(&host_vec(weight)?, in_features, out_features),
                 bias: host_vec(bias)?,
             }
         } else {

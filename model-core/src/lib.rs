@@ -19,6 +19,7 @@ pub mod preprocess;
 pub mod profile;
 pub mod render;
 pub mod resnet;
+pub mod sgemm;
 pub mod topk;
 pub mod vit;
 pub mod vmath;

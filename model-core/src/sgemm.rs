@@ -1,0 +1,633 @@
+//! Fovea's f32 matrix multiply for the CPU layers: `C = A x B` or
+//! `C += A x B`, row-major, in the BLIS style.
+//!
+//! - A 6 x 16 tile of C is held in twelve AVX registers while the depth is
+//!   summed: per step, two vector loads of B, six broadcasts of A and twelve
+//!   FMAs, so the FMA units, not the loads, set the pace.
+//! - A is read in panels of 6 rows (`[k][6]`) and B in panels of 16 columns
+//!   (`[k][16]`), so both are read sequentially. The depth is cut into
+//!   blocks of [`KC`]: a B micro-panel then stays in L1 while the A panels of
+//!   a block of [`MC`] rows (in L2) stream past it.
+//! - Weights are packed into panels once, at load time ([`PackedLhs`] for a
+//!   convolution's `[O, C*k*k]`, [`PackedRhs`] for a linear layer's `[in,
+//!   out]`). Activations are packed per block into a per-thread scratch
+//!   buffer. The `gemm` crate, used before, re-packed the weights on every
+//!   call.
+//! - Without AVX2 and FMA (and off x86-64), a portable kernel does the same
+//!   steps.
+
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::cpu_conv::SharedMut;
+
+/// Rows of the register tile.
+pub const MR: usize = 6;
+/// Columns of the register tile: two vectors of 8.
+pub const NR: usize = 16;
+/// Depth per block: a B micro-panel (KC x NR, 16 KiB) stays in L1.
+const KC: usize = 256;
+/// Rows of A per block: the A block (MC x KC, 72 KiB) stays in L2.
+const MC: usize = 12 * MR;
+/// Columns of B per block when B is packed per call (KC x NC, 512 KiB).
+const NC: usize = 32 * NR;
+
+/// f32 values starting on a 64-byte boundary, so that a B panel row is one
+/// cache line.
+#[derive(Debug)]
+struct Aligned {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    const LANES: usize = 16;
+
+    fn zeroed(len: usize) -> Self {
+        let buf = vec![0f32; len + Self::LANES];
+        let start = buf.as_ptr().align_offset(64).min(Self::LANES);
+        Self { buf, start, len }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        &self.buf[self.start..][..self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.buf[self.start..][..self.len]
+    }
+}
+
+/// The left operand `[m, k]` in panels of [`MR`] rows: `[m / MR][k][MR]`,
+/// the last panel zero-padded. Cheap to clone (shared).
+#[derive(Debug, Clone)]
+pub struct PackedLhs {
+    data: Arc<Aligned>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedLhs {
+    /// Packs row-major `a` `[m, k]`.
+    pub fn new(a: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(a.len(), m * k, "lhs is not [{m}, {k}]");
+        let mut data = Aligned::zeroed(m.div_ceil(MR) * k * MR);
+        let out = data.as_mut_slice();
+        for (r, row) in a.chunks_exact(k.max(1)).enumerate().take(m) {
+            let panel = &mut out[r / MR * k * MR..][..k * MR];
+            for (p, &v) in row.iter().enumerate() {
+                panel[p * MR + r % MR] = v;
+            }
+        }
+        Self {
+            data: Arc::new(data),
+            m,
+            k,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+
+    /// Panel `ip` from depth `pc` on.
+    fn panel(&self, ip: usize, pc: usize) -> &[f32] {
+        &self.data.as_slice()[(ip * self.k + pc) * MR..]
+    }
+}
+
+/// The right operand `[k, n]` in panels of [`NR`] columns: `[n / NR][k][NR]`,
+/// the last panel zero-padded. Cheap to clone (shared).
+#[derive(Debug, Clone)]
+pub struct PackedRhs {
+    data: Arc<Aligned>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedRhs {
+    /// Packs `b` given transposed, as `[n, k]` row-major (a linear layer's
+    /// `[out, in]` weight).
+    pub fn from_transposed(bt: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(bt.len(), n * k, "rhs^T is not [{n}, {k}]");
+        let mut data = Aligned::zeroed(n.div_ceil(NR) * k * NR);
+        let out = data.as_mut_slice();
+        for (j, col) in bt.chunks_exact(k.max(1)).enumerate().take(n) {
+            let panel = &mut out[j / NR * k * NR..][..k * NR];
+            for (p, &v) in col.iter().enumerate() {
+                panel[p * NR + j % NR] = v;
+            }
+        }
+        Self {
+            data: Arc::new(data),
+            k,
+            n,
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+
+    pub fn columns(&self) -> usize {
+        self.n
+    }
+
+    /// Panel `jp` from depth `pc` on.
+    fn panel(&self, jp: usize, pc: usize) -> &[f32] {
+        &self.data.as_slice()[(jp * self.k + pc) * NR..]
+    }
+}
+
+/// The left operand of [`matmul`].
+#[derive(Debug, Clone, Copy)]
+pub enum Lhs<'a> {
+    Packed(&'a PackedLhs),
+    /// Row-major, rows `stride` values apart.
+    Rows {
+        data: &'a [f32],
+        stride: usize,
+    },
+}
+
+/// The right operand of [`matmul`].
+#[derive(Debug, Clone, Copy)]
+pub enum Rhs<'a> {
+    Packed(&'a PackedRhs),
+    /// Row-major, rows `stride` values apart.
+    Rows {
+        data: &'a [f32],
+        stride: usize,
+    },
+}
+
+/// Panics unless a strided `[rows, cols]` matrix fits in `len` values.
+fn check_rows(len: usize, stride: usize, rows: usize, cols: usize, what: &str) {
+    assert!(cols <= stride || rows <= 1, "{what}: rows overlap");
+    assert!(
+        rows == 0 || len >= (rows - 1) * stride + cols,
+        "{what}: {len} values are not [{rows}, {cols}] with stride {stride}"
+    );
+}
+
+/// `dst [m, n] = lhs [m, k] x rhs [k, n]`, or `dst += lhs x rhs` when
+/// `accumulate`; rows of `dst` are `dst_stride` apart. With `parallel`, the
+/// work is split across rayon's threads. A packed operand must have exactly the shape given.
+///
+/// Without `accumulate`, `dst` is only written, never read first: it may be
+/// uninitialised memory.
+///
+/// # Safety
+/// `dst` must be valid for writes (and, with `accumulate`, reads) of `m`
+/// rows of `n` values `dst_stride` apart, not overlap the operands, and not
+/// be accessed by anything else during the call.
+pub unsafe fn matmul(
+    dst: *mut f32,
+    dst_stride: usize,
+    lhs: Lhs,
+    rhs: Rhs,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    parallel: bool,
+) {
+    match lhs {
+        Lhs::Packed(p) => assert_eq!((p.m, p.k), (m, k), "packed lhs shape"),
+        Lhs::Rows { data, stride } => check_rows(data.len(), stride, m, k, "lhs"),
+    }
+    match rhs {
+        Rhs::Packed(p) => assert_eq!((p.k, p.n), (k, n), "packed rhs shape"),
+        Rhs::Rows { data, stride } => check_rows(data.len(), stride, k, n, "rhs"),
+    }
+    assert!(n <= dst_stride || m <= 1, "dst rows overlap");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let job = Job {
+        dst: SharedMut(dst),
+        ldc: dst_stride,
+        lhs,
+        rhs,
+        k,
+        accumulate,
+    };
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let (row_panels, col_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    // Split the side that is packed per call (each thread then packs only
+    // its own part), unless it has too few panels to share out evenly.
+    let split_rows = match (lhs, rhs) {
+        (Lhs::Rows { .. }, Rhs::Packed(_)) => row_panels >= 4 * threads || row_panels >= col_panels,
+        (Lhs::Packed(_), Rhs::Rows { .. }) => col_panels < 4 * threads && row_panels > col_panels,
+        _ => row_panels >= col_panels,
+    };
+    let (panels, unit) = if split_rows {
+        (row_panels, MR)
+    } else {
+        (col_panels, NR)
+    };
+    let tasks = threads.min(panels);
+    if tasks <= 1 {
+        job.block(0..m, 0..n);
+        return;
+    }
+    let per_task = panels.div_ceil(tasks) * unit;
+    (0..tasks).into_par_iter().for_each(|t| {
+        let (lo, len) = (t * per_task, if split_rows { m } else { n });
+        let part = lo.min(len)..(lo + per_task).min(len);
+        let (rows, cols) = if split_rows {
+            (part, 0..n)
+        } else {
+            (0..m, part)
+        };
+        // SAFETY: the tasks write disjoint row or column ranges of dst.
+        unsafe { job.block(rows, cols) }
+    });
+}
+
+thread_local! {
+    /// Per-thread buffers for the packed A and B blocks, kept across calls.
+    static PACK: RefCell<(Aligned, Aligned)> =
+        RefCell::new((Aligned::zeroed(MC * KC), Aligned::zeroed(KC * NC)));
+}
+
+/// One [`matmul`] call's operands and output.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    dst: SharedMut,
+    ldc: usize,
+    lhs: Lhs<'a>,
+    rhs: Rhs<'a>,
+    k: usize,
+    accumulate: bool,
+}
+
+// SAFETY: dst is written by disjoint tasks only (see `matmul`); the rest is
+// shared read-only.
+unsafe impl Send for Job<'_> {}
+unsafe impl Sync for Job<'_> {}
+
+impl Job<'_> {
+    /// `dst[rows, cols] (+)= lhs[rows, :] x rhs[:, cols]` on this thread.
+    /// `rows.start` is a multiple of [`MR`] and `cols.start` of [`NR`].
+    unsafe fn block(&self, rows: Range<usize>, cols: Range<usize>) {
+        if rows.is_empty() || cols.is_empty() {
+            return;
+        }
+        if self.k == 0 {
+            for i in rows {
+                let out = self.dst.get().add(i * self.ldc + cols.start);
+                if !self.accumulate {
+                    // All-zero bits are 0.0.
+                    std::ptr::write_bytes(out, 0, cols.len());
+                }
+            }
+            return;
+        }
+        PACK.with(|pack| match pack.try_borrow_mut() {
+            Ok(mut bufs) => {
+                let (a, b) = &mut *bufs;
+                self.block_with(rows, cols, a, b)
+            }
+            // Re-entered on this thread (rayon work stealing): fresh buffers.
+            Err(_) => {
+                let (mut a, mut b) = (Aligned::zeroed(MC * KC), Aligned::zeroed(KC * NC));
+                self.block_with(rows, cols, &mut a, &mut b)
+            }
+        })
+    }
+
+    unsafe fn block_with(
+        &self,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        a_buf: &mut Aligned,
+        b_buf: &mut Aligned,
+    ) {
+        let (k, ldc) = (self.k, self.ldc);
+        let avx2 = has_avx2_fma();
+        // Column blocks bound the packed B block; a B packed at load time
+        // needs none, and then each A block is packed once rather than once
+        // per column block.
+        let nc_block = match self.rhs {
+            Rhs::Packed(_) => cols.len(),
+            Rhs::Rows { .. } => NC,
+        };
+        for jc in cols.clone().step_by(nc_block) {
+            let nc = nc_block.min(cols.end - jc);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                let add = self.accumulate || pc > 0;
+                if let Rhs::Rows { data, stride } = self.rhs {
+                    pack_rhs(data, stride, pc..pc + kc, jc..jc + nc, b_buf.as_mut_slice());
+                }
+                for ic in rows.clone().step_by(MC) {
+                    let mc = MC.min(rows.end - ic);
+                    if let Lhs::Rows { data, stride } = self.lhs {
+                        pack_lhs(data, stride, ic..ic + mc, pc..pc + kc, a_buf.as_mut_slice());
+                    }
+                    for jp in 0..nc.div_ceil(NR) {
+                        let j0 = jc + jp * NR;
+                        let b = match self.rhs {
+                            Rhs::Packed(p) => p.panel(j0 / NR, pc),
+                            Rhs::Rows { .. } => &b_buf.as_slice()[jp * kc * NR..],
+                        };
+                        for ip in 0..mc.div_ceil(MR) {
+                            let i0 = ic + ip * MR;
+                            let a = match self.lhs {
+                                Lhs::Packed(p) => p.panel(i0 / MR, pc),
+                                Lhs::Rows { .. } => &a_buf.as_slice()[ip * kc * MR..],
+                            };
+                            let (h, w) = (MR.min(rows.end - i0), NR.min(cols.end - j0));
+                            let c = self.dst.get().add(i0 * ldc + j0);
+                            tile(avx2, kc, &a[..kc * MR], &b[..kc * NR], c, ldc, (h, w), add);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One register tile: `c[h, w] (+)= a x b` over depth `kc`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile(
+    avx2: bool,
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    (h, w): (usize, usize),
+    add: bool,
+) {
+    let run = |c: *mut f32, ldc: usize, add: bool| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU has AVX2 and FMA; the caller's c holds the tile.
+            return unsafe { kernel_avx2(kc, a.as_ptr(), b.as_ptr(), c, ldc, add) };
+        }
+        let _ = avx2;
+        unsafe { kernel_portable(kc, a, b, c, ldc, add) }
+    };
+    if h == MR && w == NR {
+        run(c, ldc, add);
+        return;
+    }
+    // A partial edge tile goes through a full one on the stack.
+    let mut full = [0f32; MR * NR];
+    run(full.as_mut_ptr(), NR, false);
+    // Raw writes: without `add`, the destination may be uninitialised.
+    for (i, src) in full.chunks_exact(NR).take(h).enumerate() {
+        for (j, &s) in src[..w].iter().enumerate() {
+            let d = c.add(i * ldc + j);
+            d.write(if add { d.read() + s } else { s });
+        }
+    }
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Rows `depth` x columns `cols` of strided `data` into `[cols / NR][depth][NR]`.
+fn pack_rhs(data: &[f32], stride: usize, depth: Range<usize>, cols: Range<usize>, out: &mut [f32]) {
+    let kc = depth.len();
+    let (full, rest) = (cols.len() / NR, cols.len() % NR);
+    for (p, r) in depth.enumerate() {
+        let row = &data[r * stride + cols.start..][..cols.len()];
+        // Fixed-size copies: a slice copy of a run-time length would be a
+        // memcpy call per 16 values.
+        for (jp, src) in row.chunks_exact(NR).enumerate() {
+            let d: &mut [f32; NR] = (&mut out[(jp * kc + p) * NR..][..NR]).try_into().unwrap();
+            *d = src.try_into().unwrap();
+        }
+        if rest > 0 {
+            let d = &mut out[(full * kc + p) * NR..][..NR];
+            for (j, v) in d.iter_mut().enumerate() {
+                *v = if j < rest { row[full * NR + j] } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// Rows `rows` x columns `depth` of strided `data` into `[rows / MR][depth][MR]`.
+fn pack_lhs(data: &[f32], stride: usize, rows: Range<usize>, depth: Range<usize>, out: &mut [f32]) {
+    let kc = depth.len();
+    for (ip, i0) in rows.clone().step_by(MR).enumerate() {
+        let h = MR.min(rows.end - i0);
+        let row = |i: usize| &data[(i0 + i.min(h - 1)) * stride + depth.start..][..kc];
+        let src: [&[f32]; MR] = std::array::from_fn(row);
+        for (p, d) in out[ip * kc * MR..][..kc * MR]
+            .chunks_exact_mut(MR)
+            .enumerate()
+        {
+            for (i, v) in d.iter_mut().enumerate() {
+                // Rows past the end repeat the last one (their results are
+                // never stored) rather than branch per value.
+                *v = src[i][p];
+            }
+        }
+    }
+}
+
+/// The register tile with AVX2 + FMA: twelve accumulators of 8.
+///
+/// # Safety
+/// AVX2 and FMA present; `a` holds `kc * MR`, `b` `kc * NR` values, `c` a
+/// `MR x NR` tile with rows `ldc` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
+    use std::arch::x86_64::*;
+    let z = _mm256_setzero_ps();
+    let mut acc = [[z; 2]; MR];
+    for p in 0..kc {
+        let b0 = _mm256_loadu_ps(b.add(p * NR));
+        let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+        let ap = a.add(p * MR);
+        for (i, row) in acc.iter_mut().enumerate() {
+            let x = _mm256_broadcast_ss(&*ap.add(i));
+            row[0] = _mm256_fmadd_ps(x, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(x, b1, row[1]);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        let out = c.add(i * ldc);
+        let (mut v0, mut v1) = (row[0], row[1]);
+        if add {
+            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(out));
+            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(out.add(8)));
+        }
+        _mm256_storeu_ps(out, v0);
+        _mm256_storeu_ps(out.add(8), v1);
+    }
+}
+
+/// The register tile in plain Rust (for CPUs without AVX2/FMA).
+///
+/// # Safety
+/// `c` is a `MR x NR` tile with rows `ldc` apart.
+unsafe fn kernel_portable(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, add: bool) {
+    let mut acc = [[0f32; NR]; MR];
+    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+        for (row, &x) in acc.iter_mut().zip(ap) {
+            for (v, &y) in row.iter_mut().zip(bp) {
+                *v += x * y;
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            let d = c.add(i * ldc + j);
+            d.write(if add { d.read() + v } else { v });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// `c (+)= a x b` in f64, strided like [`matmul`]'s operands.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        (m, n, k): (usize, usize, usize),
+        add: bool,
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|p| a[i * lda + p] as f64 * b[p * ldb + j] as f64)
+                    .sum();
+                let d = &mut c[i * ldc + j];
+                *d = if add {
+                    (*d as f64 + s) as f32
+                } else {
+                    s as f32
+                };
+            }
+        }
+    }
+
+    /// Every operand form, threaded or not, with and without accumulation,
+    /// against f64, on shapes with partial tiles, several depth blocks and
+    /// several row and column blocks; the padding of dst is never written.
+    #[test]
+    fn matches_f64_for_every_operand_form() {
+        let shapes = [
+            (1, 1, 1),
+            (5, 7, 3),
+            (6, 16, 256),
+            (13, 33, 257),
+            (73, 19, 600),
+            (20, 530, 70),
+            (150, 40, 0),
+        ];
+        for &(m, n, k) in &shapes {
+            let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
+            let a = values(m * lda, 1);
+            let b = values(k * ldb + n, 2);
+            let a_dense: Vec<f32> = (0..m * k)
+                .map(|x| a[x / k.max(1) * lda + x % k.max(1)])
+                .collect();
+            let bt: Vec<f32> = (0..n * k)
+                .map(|x| b[x % k.max(1) * ldb + x / k.max(1)])
+                .collect();
+            let (pa, pb) = (
+                PackedLhs::new(&a_dense, m, k),
+                PackedRhs::from_transposed(&bt, k, n),
+            );
+            let lhs_forms = [
+                Lhs::Packed(&pa),
+                Lhs::Rows {
+                    data: &a,
+                    stride: lda,
+                },
+            ];
+            let rhs_forms = [
+                Rhs::Packed(&pb),
+                Rhs::Rows {
+                    data: &b,
+                    stride: ldb,
+                },
+            ];
+            for (form_a, lhs) in lhs_forms.into_iter().enumerate() {
+                for (form_b, rhs) in rhs_forms.into_iter().enumerate() {
+                    for add in [false, true] {
+                        for parallel in [false, true] {
+                            let init = values(m * ldc, 3);
+                            let mut want = init.clone();
+                            reference(&a, lda, &b, ldb, &mut want, ldc, (m, n, k), add);
+                            let mut got = init.clone();
+                            // SAFETY: got is m rows of ldc >= n values.
+                            unsafe {
+                                matmul(got.as_mut_ptr(), ldc, lhs, rhs, (m, n, k), add, parallel)
+                            };
+                            for (x, (g, w)) in got.iter().zip(&want).enumerate() {
+                                let tol = 1e-5 * (k as f32).sqrt().max(1.0) * 2.0;
+                                assert!(
+                                    (g - w).abs() <= tol,
+                                    "{m}x{n}x{k} forms {form_a}/{form_b} add {add} par {parallel}: \
+                                     [{x}] {g} vs {w}"
+                                );
+                                if x % ldc >= n {
+                                    assert_eq!(g.to_bits(), init[x].to_bits(), "padding written");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 kernel and the portable one agree (where the CPU has AVX2).
+    #[test]
+    fn kernels_agree() {
+        if !has_avx2_fma() {
+            return;
+        }
+        let kc = 37;
+        let (a, b) = (values(kc * MR, 4), values(kc * NR, 5));
+        let mut fast = values(MR * 20, 6);
+        let mut slow = fast.clone();
+        // SAFETY: AVX2 and FMA checked; the tiles have MR rows of 20 >= NR.
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            kernel_avx2(kc, a.as_ptr(), b.as_ptr(), fast.as_mut_ptr(), 20, true);
+            kernel_portable(kc, &a, &b, slow.as_mut_ptr(), 20, true);
+        }
+        for (f, s) in fast.iter().zip(&slow) {
+            assert!((f - s).abs() <= 1e-5, "{f} vs {s}");
+        }
+    }
+}
