@@ -62,6 +62,20 @@ impl Aligned {
     }
 }
 
+/// `src` `[lines, k]` in panels of `width` lines, `[lines / width][k][width]`,
+/// the last panel zero-padded: A's rows or B's columns (given as B^T's rows).
+fn panels(src: &[f32], lines: usize, k: usize, width: usize) -> Aligned {
+    let mut data = Aligned::zeroed(lines.div_ceil(width) * k * width);
+    let out = data.as_mut_slice();
+    for (r, line) in src.chunks_exact(k.max(1)).enumerate().take(lines) {
+        let panel = &mut out[r / width * k * width..][..k * width];
+        for (p, &v) in line.iter().enumerate() {
+            panel[p * width + r % width] = v;
+        }
+    }
+    data
+}
+
 /// The left operand `[m, k]` in panels of [`MR`] rows: `[m / MR][k][MR]`,
 /// the last panel zero-padded. Cheap to clone (shared).
 #[derive(Debug, Clone)]
@@ -75,16 +89,8 @@ impl PackedLhs {
     /// Packs row-major `a` `[m, k]`.
     pub fn new(a: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "lhs is not [{m}, {k}]");
-        let mut data = Aligned::zeroed(m.div_ceil(MR) * k * MR);
-        let out = data.as_mut_slice();
-        for (r, row) in a.chunks_exact(k.max(1)).enumerate().take(m) {
-            let panel = &mut out[r / MR * k * MR..][..k * MR];
-            for (p, &v) in row.iter().enumerate() {
-                panel[p * MR + r % MR] = v;
-            }
-        }
         Self {
-            data: Arc::new(data),
+            data: Arc::new(panels(a, m, k, MR)),
             m,
             k,
         }
@@ -118,16 +124,8 @@ impl PackedRhs {
     /// `[out, in]` weight).
     pub fn from_transposed(bt: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(bt.len(), n * k, "rhs^T is not [{n}, {k}]");
-        let mut data = Aligned::zeroed(n.div_ceil(NR) * k * NR);
-        let out = data.as_mut_slice();
-        for (j, col) in bt.chunks_exact(k.max(1)).enumerate().take(n) {
-            let panel = &mut out[j / NR * k * NR..][..k * NR];
-            for (p, &v) in col.iter().enumerate() {
-                panel[p * NR + j % NR] = v;
-            }
-        }
         Self {
-            data: Arc::new(data),
+            data: Arc::new(panels(bt, n, k, NR)),
             k,
             n,
         }
