@@ -62,86 +62,82 @@ impl Aligned {
     }
 }
 
-/// `src` `[lines, k]` in panels of `width` lines, `[lines / width][k][width]`,
-/// the last panel zero-padded: A's rows or B's columns (given as B^T's rows).
-fn panels(src: &[f32], lines: usize, k: usize, width: usize) -> Aligned {
-    let mut data = Aligned::zeroed(lines.div_ceil(width) * k * width);
-    let out = data.as_mut_slice();
-    for (r, line) in src.chunks_exact(k.max(1)).enumerate().take(lines) {
-        let panel = &mut out[r / width * k * width..][..k * width];
-        for (p, &v) in line.iter().enumerate() {
-            panel[p * width + r % width] = v;
-        }
-    }
-    data
-}
-
-/// The left operand `[m, k]` in panels of [`MR`] rows: `[m / MR][k][MR]`,
-/// the last panel zero-padded. Cheap to clone (shared).
-#[derive(Debug, Clone)]
-pub struct PackedLhs {
-    data: Arc<Aligned>,
-    m: usize,
+/// Lines of `k` values (A's rows, or B's columns) in panels of `width`
+/// lines: `[lines / width][k][width]`, the last panel zero-padded.
+#[derive(Debug)]
+struct Panels {
+    data: Aligned,
+    lines: usize,
     k: usize,
 }
+
+impl Panels {
+    /// Packs `src` `[lines, k]` row-major.
+    fn new(src: &[f32], lines: usize, k: usize, width: usize) -> Self {
+        assert_eq!(src.len(), lines * k, "operand is not [{lines}, {k}]");
+        let mut data = Aligned::zeroed(lines.div_ceil(width) * k * width);
+        let out = data.as_mut_slice();
+        for (r, line) in src.chunks_exact(k.max(1)).enumerate().take(lines) {
+            let panel = &mut out[r / width * k * width..][..k * width];
+            for (p, &v) in line.iter().enumerate() {
+                panel[p * width + r % width] = v;
+            }
+        }
+        Self { data, lines, k }
+    }
+
+    /// Panel `index` (of `width` lines) from depth `pc` on.
+    fn panel(&self, index: usize, pc: usize, width: usize) -> &[f32] {
+        &self.data.as_slice()[(index * self.k + pc) * width..]
+    }
+}
+
+/// The left operand `[m, k]` in panels of [`MR`] rows. Cheap to clone
+/// (shared).
+#[derive(Debug, Clone)]
+pub struct PackedLhs(Arc<Panels>);
 
 impl PackedLhs {
     /// Packs row-major `a` `[m, k]`.
     pub fn new(a: &[f32], m: usize, k: usize) -> Self {
-        assert_eq!(a.len(), m * k, "lhs is not [{m}, {k}]");
-        Self {
-            data: Arc::new(panels(a, m, k, MR)),
-            m,
-            k,
-        }
+        Self(Arc::new(Panels::new(a, m, k, MR)))
     }
 
     pub fn rows(&self) -> usize {
-        self.m
+        self.0.lines
     }
 
     pub fn depth(&self) -> usize {
-        self.k
+        self.0.k
     }
 
-    /// Panel `ip` from depth `pc` on.
     fn panel(&self, ip: usize, pc: usize) -> &[f32] {
-        &self.data.as_slice()[(ip * self.k + pc) * MR..]
+        self.0.panel(ip, pc, MR)
     }
 }
 
-/// The right operand `[k, n]` in panels of [`NR`] columns: `[n / NR][k][NR]`,
-/// the last panel zero-padded. Cheap to clone (shared).
+/// The right operand `[k, n]` in panels of [`NR`] columns. Cheap to clone
+/// (shared).
 #[derive(Debug, Clone)]
-pub struct PackedRhs {
-    data: Arc<Aligned>,
-    k: usize,
-    n: usize,
-}
+pub struct PackedRhs(Arc<Panels>);
 
 impl PackedRhs {
     /// Packs `b` given transposed, as `[n, k]` row-major (a linear layer's
     /// `[out, in]` weight).
     pub fn from_transposed(bt: &[f32], k: usize, n: usize) -> Self {
-        assert_eq!(bt.len(), n * k, "rhs^T is not [{n}, {k}]");
-        Self {
-            data: Arc::new(panels(bt, n, k, NR)),
-            k,
-            n,
-        }
+        Self(Arc::new(Panels::new(bt, n, k, NR)))
     }
 
     pub fn depth(&self) -> usize {
-        self.k
+        self.0.k
     }
 
     pub fn columns(&self) -> usize {
-        self.n
+        self.0.lines
     }
 
-    /// Panel `jp` from depth `pc` on.
     fn panel(&self, jp: usize, pc: usize) -> &[f32] {
-        &self.data.as_slice()[(jp * self.k + pc) * NR..]
+        self.0.panel(jp, pc, NR)
     }
 }
 
@@ -197,11 +193,11 @@ pub unsafe fn matmul(
     parallel: bool,
 ) {
     match lhs {
-        Lhs::Packed(p) => assert_eq!((p.m, p.k), (m, k), "packed lhs shape"),
+        Lhs::Packed(p) => assert_eq!((p.rows(), p.depth()), (m, k), "packed lhs shape"),
         Lhs::Rows { data, stride } => check_rows(data.len(), stride, m, k, "lhs"),
     }
     match rhs {
-        Rhs::Packed(p) => assert_eq!((p.k, p.n), (k, n), "packed rhs shape"),
+        Rhs::Packed(p) => assert_eq!((p.depth(), p.columns()), (k, n), "packed rhs shape"),
         Rhs::Rows { data, stride } => check_rows(data.len(), stride, k, n, "rhs"),
     }
     assert!(n <= dst_stride || m <= 1, "dst rows overlap");
