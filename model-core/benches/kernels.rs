@@ -137,16 +137,17 @@ const CASES: &[Case] = &[
     ),
 ];
 
-/// (name, m, n, k) of `[m, k] x [k, n]`, with the weights on the packed side.
-const GEMMS: &[(&str, usize, usize, usize)] = &[
+/// (name, m, n, k, weights on the left) of `[m, k] x [k, n]`: the weights
+/// side is packed, as at load time.
+const GEMMS: &[(&str, usize, usize, usize, bool)] = &[
     // ViT-B/16 at batch 8 (1576 tokens): activations x packed weights.
-    ("gemm vit fc1 b8", 1576, 3072, 768),
-    ("gemm vit fc2 b8", 1576, 768, 3072),
-    ("gemm vit qkv b1", 197, 2304, 768),
+    ("gemm vit fc1 b8", 1576, 3072, 768, false),
+    ("gemm vit fc2 b8", 1576, 768, 3072, false),
+    ("gemm vit qkv b1", 197, 2304, 768, false),
     // ResNet-50 convolutions as packed weights x a column tile.
-    ("gemm r50 3x3 256 14px", 256, 196, 2304),
-    ("gemm r50 1x1 1024>256", 256, 784, 1024),
-    ("gemm yolo 3x3 32 tile", 32, 512, 288),
+    ("gemm r50 3x3 256 14px", 256, 196, 2304, true),
+    ("gemm r50 1x1 1024>256", 256, 784, 1024, true),
+    ("gemm yolo 3x3 32 tile", 32, 512, 288, true),
 ];
 
 fn gemm_cases(filter: Option<&String>) {
@@ -156,12 +157,11 @@ fn gemm_cases(filter: Option<&String>) {
             .map(|i| (i % 17) as f32 / 17.0 - 0.5)
             .collect::<Vec<_>>()
     };
-    for &(name, m, n, k) in GEMMS {
+    for &(name, m, n, k, weights_left) in GEMMS {
         if filter.is_some_and(|f| !name.contains(f.as_str())) {
             continue;
         }
         let (a, b) = (values(m * k), values(k * n));
-        let weights_left = name.contains("r50") || name.contains("yolo");
         let (pa, pb) = if weights_left {
             (Some(PackedLhs::new(&a, m, k)), None)
         } else {
