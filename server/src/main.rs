@@ -1,5 +1,6 @@
 //! `fovea`: an inference server for vision models.
 
+mod allocator;
 mod batcher;
 mod cli;
 mod commands;
@@ -17,12 +18,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-// Every candle op allocates its output; an allocator that keeps freed
-// memory avoids glibc's page faults on large buffers (3x at batch 8 here).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
+    allocator::keep_freed_pages();
     fast_candle_defaults();
     let cli = cli::Cli::parse();
     let log_format = match &cli.command {
