@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
 
 use crate::cpu_conv::{self, ConvGeometry, Epilogue};
@@ -484,6 +486,57 @@ pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+/// `kernel x kernel` max pool of `[B, C, H, W]` with stride `stride` and
+/// `pad` pixels of padding on every side that never win (PyTorch pads with
+/// -inf), so every window is cut at the image's edges. On the host one pass
+/// per plane along the rows and one down the columns (a max filter is
+/// separable), the planes spread over the threads; elsewhere candle's pool
+/// over edge-replicated padding, which gives the same maxima: a window that
+/// reaches past an edge contains the edge pixel itself.
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if h.min(w) + 2 * pad < kernel || pad >= kernel || stride == 0 {
+        candle_core::bail!("max pool {kernel}/{stride} pad {pad} does not fit a {h}x{w} input");
+    }
+    if !is_host_f32(x) {
+        return x
+            .pad_with_same(2, pad, pad)?
+            .pad_with_same(3, pad, pad)?
+            .max_pool2d_with_stride(kernel, stride);
+    }
+    let out_side = |n: usize| (n + 2 * pad - kernel) / stride + 1;
+    let (ho, wo) = (out_side(h), out_side(w));
+    // Output index o reads input [o * stride - pad, o * stride - pad + kernel).
+    let window = |n: usize, o: usize| {
+        (o * stride).saturating_sub(pad)..(o * stride + kernel).saturating_sub(pad).min(n)
+    };
+    let y = with_host_f32(x, |x| {
+        let mut out = vec![0f32; b * c * ho * wo];
+        out.par_chunks_mut(ho * wo)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(out, plane)| {
+                let mut rows = vec![0f32; h * wo];
+                for (src, dst) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(wo)) {
+                    for (o, d) in dst.iter_mut().enumerate() {
+                        *d = src[window(w, o)]
+                            .iter()
+                            .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                    }
+                }
+                for (o, dst) in out.chunks_exact_mut(wo).enumerate() {
+                    dst.fill(f32::NEG_INFINITY);
+                    for src in window(h, o).map(|r| &rows[r * wo..][..wo]) {
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = d.max(v);
+                        }
+                    }
+                }
+            });
+        out
+    })?;
+    Tensor::from_vec(y, (b, c, ho, wo), &Device::Cpu)
+}
+
 /// Zero-pads the two spatial dimensions; a no-op when all pads are zero.
 pub fn pad2d(
     x: &Tensor,
@@ -906,6 +959,32 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// The host pool against candle's (which f64 takes), on odd sizes,
+    /// negative values and the two pools the families use.
+    #[test]
+    fn host_max_pool_matches_candle() -> Result<()> {
+        for (k, s, p) in [(3, 2, 1), (5, 1, 2), (2, 2, 0), (3, 1, 0)] {
+            for (h, w) in [(3, 3), (3, 7), (20, 20), (9, 4), (112, 112)] {
+                if h.min(w) + 2 * p < k {
+                    continue;
+                }
+                let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu)?;
+                let got = max_pool2d(&x, k, s, p)?;
+                let want = max_pool2d(&x.to_dtype(DType::F64)?, k, s, p)?.to_dtype(DType::F32)?;
+                assert_eq!(got.dims(), want.dims(), "{k}/{s}/{p} {h}x{w}");
+                assert_eq!(max_diff(&got, &want), 0.0, "{k}/{s}/{p} {h}x{w}");
+            }
+        }
+        assert!(max_pool2d(
+            &Tensor::zeros((1, 1, 1, 1), DType::F32, &Device::Cpu)?,
+            5,
+            1,
+            1
+        )
+        .is_err());
+        Ok(())
+    }
 
     fn cpu() -> Placement {
         Placement::new(&Device::Cpu, DType::F32)

@@ -8,7 +8,7 @@
 
 use candle_core::{Module, Result, Tensor};
 
-use crate::layers::{global_avg_pool, pad2d, Activation, Conv2d, ConvSpec, Linear, Placement};
+use crate::layers::{global_avg_pool, max_pool2d, Activation, Conv2d, ConvSpec, Linear, Placement};
 use crate::model_error::ModelError;
 use crate::weight_map::{child_indices, dim_of, Shapes, WeightMap};
 
@@ -308,9 +308,7 @@ impl ResNet {
     /// The last stage's feature map, `[B, C, H/32, W/32]` (rounded up).
     pub fn features(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.stem.forward(x)?;
-        // 3x3 max pool, stride 2, padding 1. The input is post-ReLU (>= 0),
-        // so zero padding gives the same maxima as PyTorch's -inf padding.
-        let mut x = pad2d(&x, (1, 1, 1, 1))?.max_pool2d_with_stride(3, 2)?;
+        let mut x = max_pool2d(&x, 3, 2, 1)?;
         for block in &self.blocks {
             x = block.forward(&x)?;
         }

@@ -46,9 +46,9 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use rayon::prelude::*;
-
-use crate::layers::{is_host_f32, with_host_f32, Activation, Conv2d, ConvSpec, Padding, Placement};
+use crate::layers::{
+    is_host_f32, max_pool2d, with_host_f32, Activation, Conv2d, ConvSpec, Padding, Placement,
+};
 pub use crate::model_error::ModelError;
 use crate::vmath::{avx2_dispatch, exp};
 use crate::weight_map::{child_indices, dim_of, Shapes, WeightMap};
@@ -437,56 +437,13 @@ struct Sppf {
     cv2: Conv2d,
 }
 
-/// 5x5 max pool, stride 1, 2 pixels of padding that never win (PyTorch pads
-/// with -inf). Replicating the edge gives the same maxima: every window
-/// that reaches past the edge contains the edge pixel itself.
-fn max_pool5(x: &Tensor) -> Result<Tensor> {
-    if !is_host_f32(x) {
-        return x
-            .pad_with_same(2, 2, 2)?
-            .pad_with_same(3, 2, 2)?
-            .max_pool2d_with_stride(5, 1);
-    }
-    let (b, c, h, w) = x.dims4()?;
-    let y = with_host_f32(x, |x| {
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(out, plane)| max_pool5_plane(plane, out, w));
-        out
-    })?;
-    Tensor::from_vec(y, (b, c, h, w), &Device::Cpu)
-}
-
-/// The 5x5 window maximum of one `[H, W]` plane, as a row pass and a column
-/// pass (a max filter is separable); windows are cut at the edges.
-fn max_pool5_plane(plane: &[f32], out: &mut [f32], w: usize) {
-    let h = plane.len() / w;
-    let window = |n: usize, i: usize| i.saturating_sub(2)..(i + 3).min(n);
-    let mut rows = vec![0f32; plane.len()];
-    for (src, dst) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
-        for (x, d) in dst.iter_mut().enumerate() {
-            *d = src[window(w, x)]
-                .iter()
-                .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        }
-    }
-    for (y, dst) in out.chunks_exact_mut(w).enumerate() {
-        dst.fill(f32::NEG_INFINITY);
-        for src in window(h, y).map(|yy| &rows[yy * w..][..w]) {
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = d.max(v);
-            }
-        }
-    }
-}
-
 impl Module for Sppf {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y0 = self.cv1.forward(x)?;
-        let y1 = max_pool5(&y0)?;
-        let y2 = max_pool5(&y1)?;
-        let y3 = max_pool5(&y2)?;
+        // 5x5, stride 1, padding 2.
+        let y1 = max_pool2d(&y0, 5, 1, 2)?;
+        let y2 = max_pool2d(&y1, 5, 1, 2)?;
+        let y3 = max_pool2d(&y2, 5, 1, 2)?;
         self.cv2.forward(&Tensor::cat(&[y0, y1, y2, y3], 1)?)
     }
 }
@@ -1153,23 +1110,6 @@ fn variant_name(version: YoloVersion, signature: &[(usize, usize)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_max_pool_matches_candle() -> Result<()> {
-        for (h, w) in [(1, 1), (3, 7), (20, 20), (9, 2)] {
-            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu)?;
-            let got = max_pool5(&x)?;
-            // f64 takes candle's padded max_pool2d.
-            let want = max_pool5(&x.to_dtype(DType::F64)?)?.to_dtype(DType::F32)?;
-            let diff = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert_eq!(diff, 0.0, "{h}x{w}");
-        }
-        Ok(())
-    }
 
     #[test]
     fn host_dfl_is_the_expected_bin() {
