@@ -366,11 +366,25 @@ unsafe fn tile(
     (h, w): (usize, usize),
     add: bool,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && w == NR {
+        let (a, b) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: the CPU has AVX2 and FMA; c holds h full-width rows.
+        match h {
+            MR => return kernel_avx2::<MR>(kc, a, b, c, ldc, add),
+            5 => return kernel_avx2::<5>(kc, a, b, c, ldc, add),
+            4 => return kernel_avx2::<4>(kc, a, b, c, ldc, add),
+            3 => return kernel_avx2::<3>(kc, a, b, c, ldc, add),
+            2 => return kernel_avx2::<2>(kc, a, b, c, ldc, add),
+            1 => return kernel_avx2::<1>(kc, a, b, c, ldc, add),
+            _ => unreachable!("a tile has 1 to {MR} rows"),
+        }
+    }
     let run = |c: *mut f32, ldc: usize, add: bool| {
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: the CPU has AVX2 and FMA; the caller's c holds the tile.
-            return unsafe { kernel_avx2(kc, a.as_ptr(), b.as_ptr(), c, ldc, add) };
+            return unsafe { kernel_avx2::<MR>(kc, a.as_ptr(), b.as_ptr(), c, ldc, add) };
         }
         let _ = avx2;
         unsafe { kernel_portable(kc, a, b, c, ldc, add) }
@@ -441,17 +455,26 @@ fn pack_lhs(data: &[f32], stride: usize, rows: Range<usize>, depth: Range<usize>
     }
 }
 
-/// The register tile with AVX2 + FMA: twelve accumulators of 8.
+/// The register tile with AVX2 + FMA: twelve accumulators of 8 (`H` =
+/// [`MR`] rows; fewer for the last rows of a matrix, which then cost only
+/// their own FMAs and are stored straight into `c`).
 ///
 /// # Safety
 /// AVX2 and FMA present; `a` holds `kc * MR`, `b` `kc * NR` values, `c` a
-/// `MR x NR` tile with rows `ldc` apart.
+/// `H x NR` tile with rows `ldc` apart; `H <= MR`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
+unsafe fn kernel_avx2<const H: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
     use std::arch::x86_64::*;
     let z = _mm256_setzero_ps();
-    let mut acc = [[z; 2]; MR];
+    let mut acc = [[z; 2]; H];
     for p in 0..kc {
         let b0 = _mm256_loadu_ps(b.add(p * NR));
         let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
@@ -604,7 +627,9 @@ mod tests {
         }
     }
 
-    /// The AVX2 kernel and the portable one agree (where the CPU has AVX2).
+    /// The AVX2 kernel and the portable one agree (where the CPU has AVX2),
+    /// for a full tile and through `tile` for every shorter one, whose rows
+    /// below `h` must stay untouched.
     #[test]
     fn kernels_agree() {
         if !has_avx2_fma() {
@@ -612,16 +637,22 @@ mod tests {
         }
         let kc = 37;
         let (a, b) = (values(kc * MR, 4), values(kc * NR, 5));
-        let mut fast = values(MR * 20, 6);
-        let mut slow = fast.clone();
-        // SAFETY: AVX2 and FMA checked; the tiles have MR rows of 20 >= NR.
-        unsafe {
-            #[cfg(target_arch = "x86_64")]
-            kernel_avx2(kc, a.as_ptr(), b.as_ptr(), fast.as_mut_ptr(), 20, true);
-            kernel_portable(kc, &a, &b, slow.as_mut_ptr(), 20, true);
-        }
-        for (f, s) in fast.iter().zip(&slow) {
-            assert!((f - s).abs() <= 1e-5, "{f} vs {s}");
+        for h in 1..=MR {
+            let init = values(MR * 20, 6);
+            let mut fast = init.clone();
+            let mut slow = init.clone();
+            // SAFETY: AVX2 and FMA checked; the tiles have MR rows of 20 >= NR.
+            unsafe {
+                tile(true, kc, &a, &b, fast.as_mut_ptr(), 20, (h, NR), true);
+                kernel_portable(kc, &a, &b, slow.as_mut_ptr(), 20, true);
+            }
+            for (x, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                if x / 20 < h && x % 20 < NR {
+                    assert!((f - s).abs() <= 1e-5, "h {h} [{x}]: {f} vs {s}");
+                } else {
+                    assert_eq!(f.to_bits(), init[x].to_bits(), "h {h} [{x}] written");
+                }
+            }
         }
     }
 }
