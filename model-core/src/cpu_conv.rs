@@ -398,6 +398,18 @@ fn im2col(image: &[f32], g: &ConvGeometry, cols: &mut [f32], oys: Range<usize>, 
             let first = (lo * g.stride) as isize + offset;
             if g.stride == 1 {
                 dst[lo..hi].copy_from_slice(&src[first as usize..][..hi - lo]);
+            } else if g.stride == 2 {
+                // Pairs, so that the compiler vectorises the gather (even
+                // lanes of two loads) instead of one indexed load per value.
+                let src = &src[first as usize..];
+                let dst = &mut dst[lo..hi];
+                let pairs = dst.len().min(src.len() / 2);
+                for (v, pair) in dst[..pairs].iter_mut().zip(src.chunks_exact(2)) {
+                    *v = pair[0];
+                }
+                if pairs < dst.len() {
+                    dst[pairs] = src[2 * pairs];
+                }
             } else {
                 let src = &src[first as usize..];
                 for (j, v) in dst[lo..hi].iter_mut().enumerate() {
