@@ -7,9 +7,8 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
+use rayon::prelude::*;
 
 use crate::cpu_conv::{self, ConvGeometry, Epilogue};
 use crate::cpu_transformer;
