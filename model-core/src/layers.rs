@@ -513,24 +513,27 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: usize) -> Resul
         let mut out = vec![0f32; b * c * ho * wo];
         out.par_chunks_mut(ho * wo)
             .zip(x.par_chunks(h * w))
-            .for_each(|(out, plane)| {
-                let mut rows = vec![0f32; h * wo];
-                for (src, dst) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(wo)) {
-                    for (o, d) in dst.iter_mut().enumerate() {
-                        *d = src[window(w, o)]
-                            .iter()
-                            .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                    }
-                }
-                for (o, dst) in out.chunks_exact_mut(wo).enumerate() {
-                    dst.fill(f32::NEG_INFINITY);
-                    for src in window(h, o).map(|r| &rows[r * wo..][..wo]) {
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            *d = d.max(v);
+            // One row-pass buffer per thread's run of planes, not per plane.
+            .for_each_init(
+                || vec![0f32; h * wo],
+                |rows, (out, plane)| {
+                    for (src, dst) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(wo)) {
+                        for (o, d) in dst.iter_mut().enumerate() {
+                            *d = src[window(w, o)]
+                                .iter()
+                                .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
                         }
                     }
-                }
-            });
+                    for (o, dst) in out.chunks_exact_mut(wo).enumerate() {
+                        dst.fill(f32::NEG_INFINITY);
+                        for src in window(h, o).map(|r| &rows[r * wo..][..wo]) {
+                            for (d, &v) in dst.iter_mut().zip(src) {
+                                *d = d.max(v);
+                            }
+                        }
+                    }
+                },
+            );
         out
     })?;
     Tensor::from_vec(y, (b, c, ho, wo), &Device::Cpu)
