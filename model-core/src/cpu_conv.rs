@@ -3,11 +3,16 @@
 //! depthwise. Each writes its output once: bias, an optional residual and the
 //! activation are applied while a tile of the output is still in cache.
 //!
-//! - Dense: tiles of output rows, each one gemm ([`sgemm`])
-//!   `[O, C*k*k] x [C*k*k, tile]` over a column matrix built in a per-thread
-//!   scratch buffer (an unpadded 1x1 stride-1 convolution reads its input in
-//!   place). The weights, PyTorch's `[O, C, k, k]` order, are packed into the
-//!   gemm's row panels at load time.
+//! - Dense k x k (k > 1, any stride): bands of output rows; each band's
+//!   input is copied into a zero-padded window split by stride phase, which
+//!   the gemm's register tile ([`sgemm`]) reads in place at one offset per
+//!   (channel, tap): no column matrix and no packing of the activations
+//!   (`dense_direct`).
+//! - Dense 1x1: tiles of output rows, each one gemm
+//!   `[O, C] x [C, tile]` over the input read in place (stride 1) or
+//!   subsampled into a per-thread scratch buffer (stride 2).
+//! - The weights, PyTorch's `[O, C, k, k]` order, are packed into the gemm's
+//!   row panels at load time.
 //! - Depthwise: channels-last per image, the taps accumulated into each
 //!   output pixel with the channels as the vector dimension.
 //! - Threads: with enough tiles, each thread computes whole tiles alone (no
@@ -108,6 +113,9 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &PackedLhs, epilogue: &Epilogu
     if let Some(r) = epilogue.residual {
         assert_eq!(r.len(), total);
     }
+    if runs_direct(g) {
+        return dense_direct(x, g, weight, epilogue);
+    }
     // Left uninitialised: the gemm writes every value (without reading)
     // before the epilogue reads it, and the length is set after that.
     let mut out = Vec::<f32>::with_capacity(total);
@@ -189,6 +197,203 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &PackedLhs, epilogue: &Epilogu
     // SAFETY: every value was written above.
     unsafe { out.set_len(total) };
     out
+}
+
+/// Whether [`dense_direct`] computes this convolution rather than im2col
+/// and the gemm: any with more than one tap. (A 1x1 convolution reads its
+/// input in place, or a strided subsample of it, through the gemm's own
+/// packing, which measured faster for ResNet-50's wide 1x1 layers.)
+fn runs_direct(g: &ConvGeometry) -> bool {
+    g.kernel > 1
+}
+
+/// Input channels per depth block of [`dense_direct`]: 32 channels of 3x3
+/// taps (288 rows of B) keep a block's weight panel (7 KiB) and the input
+/// rows one register tile reads (32 x 3 rows) in L1.
+const DIRECT_BLOCK_CHANNELS: usize = 32;
+
+/// Weight values per group of panels that [`dense_direct`] runs over one
+/// tile of input before the next (128 KiB: a quarter of L2).
+const DIRECT_GROUP_FLOATS: usize = 32 * 1024;
+
+/// A convolution without a column matrix.
+///
+/// Each task takes a band of output rows of one image. It copies the input
+/// the band reads into a zero-padded window (per-thread scratch): per
+/// channel, one plane per stride phase `(y % s, x % s)` of the padded input
+/// (one plane at stride 1), each holding `(y / s, x / s)` in rows of `wp`
+/// values. Output pixel `(oy, ox)` then reads tap `(c, i, j)` at window
+/// position `oy * wp + ox` plus a fixed offset per (channel, tap): the
+/// gemm's register tile reads its right operand from the window in place
+/// ([`PackedLhs::tile_from_rows`]), with no im2col (k x k copies of the
+/// input) and no packing. The tiles run over the window's positions as one
+/// flat row; the `wp - out_width` positions at each row's end compute values
+/// nobody reads (2 of 82 for a 3x3 at 80 pixels, 2 of 9 at 7), so a tile is
+/// always 16 pixels whatever the width. The epilogue copies the useful ones
+/// out with bias, residual and activation while the band is in cache.
+fn dense_direct(x: &[f32], g: &ConvGeometry, weight: &PackedLhs, epilogue: &Epilogue) -> Vec<f32> {
+    const NR: usize = sgemm::NR;
+    let (n, o, c, k, s) = (
+        g.out_plane(),
+        g.out_channels,
+        g.in_channels,
+        g.kernel,
+        g.stride,
+    );
+    let phases = s * s;
+    // Rows and columns past the band's own that the taps reach, per phase.
+    let reach = (k - 1) * g.dilation / s;
+    let wp = g.out_width + reach;
+    let threads = rayon::current_num_threads();
+    // Bands: a window of about TILE_FLOATS / 2, and at least two per thread.
+    let fit = (TILE_FLOATS / 2 / (c * phases * wp))
+        .saturating_sub(reach)
+        .max(1);
+    let per_image = (2 * threads).div_ceil(g.batch);
+    let band = fit.min(g.out_height.div_ceil(per_image));
+    let bands = g.out_height.div_ceil(band);
+    // The flat positions a band computes, in whole tiles.
+    let positions = (band * wp).next_multiple_of(NR);
+    // A phase plane: the band's rows and those the taps reach below them,
+    // what the last tile reads past them, rounded to an odd number of
+    // 16-value lines so that the planes' rows fall in different L1 sets.
+    let plane = {
+        let len = (band + reach) * wp + NR + reach;
+        (len.div_ceil(16) | 1) * 16
+    };
+    let taps = k * k;
+    let block = DIRECT_BLOCK_CHANNELS.min(c);
+    let offsets: Vec<usize> = (0..block * taps)
+        .map(|r| {
+            let (ch, tap) = (r / taps, r % taps);
+            let (dy, dx) = (tap / k * g.dilation, tap % k * g.dilation);
+            let phase = dy % s * s + dx % s;
+            (ch * phases + phase) * plane + dy / s * wp + dx / s
+        })
+        .collect();
+    let window_len = c * phases * plane;
+
+    // Left uninitialised: the epilogue writes every value.
+    let mut out = Vec::<f32>::with_capacity(g.batch * o * n);
+    let dst = SharedMut(out.as_mut_ptr());
+    (0..g.batch * bands).into_par_iter().for_each(|t| {
+        let (i, oy0) = (t / bands, t % bands * band);
+        let rows = band.min(g.out_height - oy0);
+        let image = &x[i * c * g.in_plane()..][..c * g.in_plane()];
+        with_scratch(window_len + o * positions, |scratch| {
+            let (window, sums) = scratch.split_at_mut(window_len);
+            pad_window(image, g, oy0..oy0 + rows + reach, wp, plane, window);
+            let used = (rows * wp).next_multiple_of(NR);
+            let panels = o.div_ceil(sgemm::MR);
+            for c0 in (0..c).step_by(block) {
+                let channels = block.min(c - c0);
+                let depth = c0 * taps..(c0 + channels) * taps;
+                let offsets = &offsets[..channels * taps];
+                let base = window[c0 * phases * plane..].as_ptr();
+                // BLIS's order: the input a tile reads stays in L1 while
+                // the weight panels of a group (in L2) pass over it.
+                let group = (DIRECT_GROUP_FLOATS / (depth.len() * sgemm::MR)).max(1);
+                for first in (0..panels).step_by(group) {
+                    for p in (0..used).step_by(NR) {
+                        for panel in first..panels.min(first + group) {
+                            let h = sgemm::MR.min(o - panel * sgemm::MR);
+                            // SAFETY: the window holds what every offset
+                            // reaches from position p < used (the plane's
+                            // slack past the band's rows); sums holds h
+                            // rows of `positions` >= used values from
+                            // row panel * MR on.
+                            unsafe {
+                                let y = sums[panel * sgemm::MR * positions + p..].as_mut_ptr();
+                                weight.tile_from_rows(
+                                    panel,
+                                    depth.clone(),
+                                    base.add(p),
+                                    offsets,
+                                    y,
+                                    positions,
+                                    (h, NR),
+                                    c0 > 0,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            let start = oy0 * g.out_width;
+            for ch in 0..o {
+                let sums = &sums[ch * positions..][..rows * wp];
+                // SAFETY: this band's rows of channel ch of image i, which
+                // no other task writes, each written whole before the
+                // slice over them is made.
+                let row = unsafe {
+                    let out = dst.get().add((i * o + ch) * n + start);
+                    for (y, sums) in sums.chunks_exact(wp).enumerate() {
+                        let to = out.add(y * g.out_width);
+                        std::ptr::copy_nonoverlapping(sums.as_ptr(), to, g.out_width);
+                    }
+                    std::slice::from_raw_parts_mut(out, rows * g.out_width)
+                };
+                epilogue.finish_at(row, i * o + ch, start, n, o);
+            }
+        })
+    });
+    // SAFETY: the bands cover every output value.
+    unsafe { out.set_len(g.batch * o * n) };
+    out
+}
+
+/// Copies what output rows `rows` read of every channel of `image` into
+/// `window`: for each channel and each stride phase `(qy, qx)`, a `plane`
+/// whose row `r` holds padded input row `s * rows.start + s * r + qy` at
+/// columns `qx, qx + s, ...` (`wp` of them), zero outside the input.
+fn pad_window(
+    image: &[f32],
+    g: &ConvGeometry,
+    rows: Range<usize>,
+    wp: usize,
+    plane: usize,
+    window: &mut [f32],
+) {
+    let s = g.stride;
+    let mut planes = window.chunks_mut(plane);
+    for ch in 0..g.in_channels {
+        let src = &image[ch * g.in_plane()..][..g.in_plane()];
+        for (qy, qx) in (0..s * s).map(|q| (q / s, q % s)) {
+            let dst = planes.next().expect("a plane per channel and phase");
+            for (r, oy) in rows.clone().enumerate() {
+                let row = &mut dst[r * wp..][..wp];
+                let iy = (oy * s + qy).checked_sub(g.pad_top);
+                match iy.filter(|&iy| iy < g.height) {
+                    Some(iy) => phase_row(&src[iy * g.width..][..g.width], g.pad_left, s, qx, row),
+                    None => row.fill(0.0),
+                }
+            }
+        }
+    }
+}
+
+/// `out[u]` = padded `input[u * stride + phase]`, the input padded by `pad`
+/// zeros on the left and any number on the right.
+fn phase_row(input: &[f32], pad: usize, stride: usize, phase: usize, out: &mut [f32]) {
+    // The first u whose column u * stride + phase - pad lies in the input.
+    let lo = pad.saturating_sub(phase).div_ceil(stride).min(out.len());
+    let first = lo * stride + phase - pad;
+    let len = if first < input.len() {
+        (input.len() - first).div_ceil(stride).min(out.len() - lo)
+    } else {
+        0
+    };
+    out[..lo].fill(0.0);
+    let src = &input[first.min(input.len())..];
+    match stride {
+        1 => out[lo..lo + len].copy_from_slice(&src[..len]),
+        _ => {
+            for (v, chunk) in out[lo..lo + len].iter_mut().zip(src.chunks(stride)) {
+                *v = chunk[0];
+            }
+        }
+    }
+    out[lo + len..].fill(0.0);
 }
 
 thread_local! {
@@ -569,6 +774,30 @@ mod tests {
                 for i in 0..rows {
                     for j in 0..cols {
                         assert_eq!(dst[j * rows + i], src[i * cols + j], "{rows}x{cols}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A phase row against the padded input read directly.
+    #[test]
+    fn phase_rows_subsample_the_padded_input() {
+        let input: Vec<f32> = (1..=11).map(|v| v as f32).collect();
+        for stride in 1..=3 {
+            for phase in 0..stride {
+                for pad in 0..4 {
+                    for len in [1, 4, 7, 12] {
+                        let mut out = vec![f32::NAN; len];
+                        phase_row(&input, pad, stride, phase, &mut out);
+                        for (u, &v) in out.iter().enumerate() {
+                            let x = (u * stride + phase) as isize - pad as isize;
+                            let want = usize::try_from(x)
+                                .ok()
+                                .and_then(|x| input.get(x).copied())
+                                .unwrap_or(0.0);
+                            assert_eq!(v, want, "s{stride} q{phase} p{pad} [{u}]");
+                        }
                     }
                 }
             }

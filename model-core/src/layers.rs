@@ -1115,8 +1115,9 @@ mod tests {
         Ok(())
     }
 
-    /// Inputs large enough to be split into tiles of output rows (a partial
-    /// last tile included), with a residual and an activation.
+    /// Inputs large enough to be split into tiles or bands of output rows (a
+    /// partial last one included) and, past 32 input channels, into depth
+    /// blocks, with a residual and an activation.
     #[test]
     fn tiled_convolutions_match_candle() -> Result<()> {
         let dev = Device::Cpu;
@@ -1125,6 +1126,8 @@ mod tests {
             (600, 5, 1, 1),
             (64, 6, 3, 2),
             (256, 16, 3, 1),
+            (40, 13, 5, 2),
+            (33, 7, 3, 1),
         ] {
             for batch in [1, 3, 4] {
                 let (h, w) = (41, 40);

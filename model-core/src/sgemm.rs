@@ -114,6 +114,44 @@ impl PackedLhs {
     fn panel(&self, ip: usize, pc: usize) -> &[f32] {
         self.0.panel(ip, pc, MR)
     }
+
+    /// One tile of `c (+)= self[rows, depth] x B`: the `h` rows from
+    /// `panel * MR` on, `w <= NR` columns, where B's row `p` (for depth
+    /// `depth.start + p`) is the `NR` values at `base + offsets[p]`, read in
+    /// place (a convolution's taps over a padded image: no column matrix, no
+    /// packing).
+    ///
+    /// # Safety
+    /// `base + offsets[p]` is readable for `NR` values (even when `w < NR`)
+    /// for every `p`; `c` holds `h` rows of `w` values `ldc` apart, written
+    /// (and with `add` read) by this call only.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn tile_from_rows(
+        &self,
+        panel: usize,
+        depth: Range<usize>,
+        base: *const f32,
+        offsets: &[usize],
+        c: *mut f32,
+        ldc: usize,
+        (h, w): (usize, usize),
+        add: bool,
+    ) {
+        let kc = depth.len();
+        assert_eq!(offsets.len(), kc, "one offset per depth");
+        assert!(depth.end <= self.depth(), "depth past the operand");
+        assert!(
+            (1..=MR).contains(&h) && panel * MR + h <= self.rows(),
+            "rows"
+        );
+        assert!((1..=NR).contains(&w), "columns");
+        let a = &self.panel(panel, depth.start)[..kc * MR];
+        let b = OffsetRows {
+            base,
+            offsets: offsets.as_ptr(),
+        };
+        tile(has_avx2_fma(), kc, a, b, c, ldc, (h, w), add);
+    }
 }
 
 /// The right operand `[k, n]` in panels of [`NR`] columns. Cheap to clone
@@ -344,7 +382,8 @@ impl Job<'_> {
                             };
                             let (h, w) = (MR.min(rows.end - i0), NR.min(cols.end - j0));
                             let c = self.dst.get().add(i0 * ldc + j0);
-                            tile(avx2, kc, &a[..kc * MR], &b[..kc * NR], c, ldc, (h, w), add);
+                            let b = PanelRows(b[..kc * NR].as_ptr());
+                            tile(avx2, kc, &a[..kc * MR], b, c, ldc, (h, w), add);
                         }
                     }
                 }
@@ -353,30 +392,64 @@ impl Job<'_> {
     }
 }
 
+/// Where the register tile reads B's row `p` (its [`NR`] values).
+pub(crate) trait BRows: Copy {
+    /// # Safety
+    /// `p` is below the tile's depth.
+    unsafe fn row(self, p: usize) -> *const f32;
+}
+
+/// A packed panel: row `p` at `p * NR`.
+#[derive(Clone, Copy)]
+struct PanelRows(*const f32);
+
+impl BRows for PanelRows {
+    #[inline(always)]
+    unsafe fn row(self, p: usize) -> *const f32 {
+        self.0.add(p * NR)
+    }
+}
+
+/// Rows read in place: row `p` at `base + offsets[p]` (a convolution's taps
+/// over a padded image, see [`PackedLhs::tile_from_rows`]).
+#[derive(Clone, Copy)]
+struct OffsetRows {
+    base: *const f32,
+    offsets: *const usize,
+}
+
+impl BRows for OffsetRows {
+    #[inline(always)]
+    unsafe fn row(self, p: usize) -> *const f32 {
+        self.base.add(*self.offsets.add(p))
+    }
+}
+
 /// One register tile: `c[h, w] (+)= a x b` over depth `kc`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tile(
+unsafe fn tile<B: BRows>(
     avx2: bool,
     kc: usize,
     a: &[f32],
-    b: &[f32],
+    b: B,
     c: *mut f32,
     ldc: usize,
     (h, w): (usize, usize),
     add: bool,
 ) {
+    debug_assert!(a.len() >= kc * MR);
     #[cfg(target_arch = "x86_64")]
     if avx2 && w == NR {
-        let (a, b) = (a.as_ptr(), b.as_ptr());
+        let a = a.as_ptr();
         // SAFETY: the CPU has AVX2 and FMA; c holds h full-width rows.
         match h {
-            MR => return kernel_avx2::<MR>(kc, a, b, c, ldc, add),
-            5 => return kernel_avx2::<5>(kc, a, b, c, ldc, add),
-            4 => return kernel_avx2::<4>(kc, a, b, c, ldc, add),
-            3 => return kernel_avx2::<3>(kc, a, b, c, ldc, add),
-            2 => return kernel_avx2::<2>(kc, a, b, c, ldc, add),
-            1 => return kernel_avx2::<1>(kc, a, b, c, ldc, add),
+            MR => return kernel_avx2::<MR, B>(kc, a, b, c, ldc, add),
+            5 => return kernel_avx2::<5, B>(kc, a, b, c, ldc, add),
+            4 => return kernel_avx2::<4, B>(kc, a, b, c, ldc, add),
+            3 => return kernel_avx2::<3, B>(kc, a, b, c, ldc, add),
+            2 => return kernel_avx2::<2, B>(kc, a, b, c, ldc, add),
+            1 => return kernel_avx2::<1, B>(kc, a, b, c, ldc, add),
             _ => unreachable!("a tile has 1 to {MR} rows"),
         }
     }
@@ -384,7 +457,7 @@ unsafe fn tile(
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: the CPU has AVX2 and FMA; the caller's c holds the tile.
-            return unsafe { kernel_avx2::<MR>(kc, a.as_ptr(), b.as_ptr(), c, ldc, add) };
+            return unsafe { kernel_avx2::<MR, B>(kc, a.as_ptr(), b, c, ldc, add) };
         }
         let _ = avx2;
         unsafe { kernel_portable(kc, a, b, c, ldc, add) }
@@ -460,14 +533,14 @@ fn pack_lhs(data: &[f32], stride: usize, rows: Range<usize>, depth: Range<usize>
 /// their own FMAs and are stored straight into `c`).
 ///
 /// # Safety
-/// AVX2 and FMA present; `a` holds `kc * MR`, `b` `kc * NR` values, `c` a
+/// AVX2 and FMA present; `a` holds `kc * MR` values, `b` `kc` rows of `NR`, `c` a
 /// `H x NR` tile with rows `ldc` apart; `H <= MR`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_avx2<const H: usize>(
+unsafe fn kernel_avx2<const H: usize, B: BRows>(
     kc: usize,
     a: *const f32,
-    b: *const f32,
+    b: B,
     c: *mut f32,
     ldc: usize,
     add: bool,
@@ -476,8 +549,9 @@ unsafe fn kernel_avx2<const H: usize>(
     let z = _mm256_setzero_ps();
     let mut acc = [[z; 2]; H];
     for p in 0..kc {
-        let b0 = _mm256_loadu_ps(b.add(p * NR));
-        let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+        let row = b.row(p);
+        let b0 = _mm256_loadu_ps(row);
+        let b1 = _mm256_loadu_ps(row.add(8));
         let ap = a.add(p * MR);
         for (i, row) in acc.iter_mut().enumerate() {
             let x = _mm256_broadcast_ss(&*ap.add(i));
@@ -500,10 +574,18 @@ unsafe fn kernel_avx2<const H: usize>(
 /// The register tile in plain Rust (for CPUs without AVX2/FMA).
 ///
 /// # Safety
-/// `c` is a `MR x NR` tile with rows `ldc` apart.
-unsafe fn kernel_portable(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, add: bool) {
+/// `b` holds `kc` rows of `NR`; `c` is a `MR x NR` tile with rows `ldc` apart.
+unsafe fn kernel_portable<B: BRows>(
+    kc: usize,
+    a: &[f32],
+    b: B,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
     let mut acc = [[0f32; NR]; MR];
-    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+    for (p, ap) in a.chunks_exact(MR).take(kc).enumerate() {
+        let bp = std::slice::from_raw_parts(b.row(p), NR);
         for (row, &x) in acc.iter_mut().zip(ap) {
             for (v, &y) in row.iter_mut().zip(bp) {
                 *v += x * y;
@@ -627,6 +709,60 @@ mod tests {
         }
     }
 
+    /// A tile whose B rows are read in place at offsets (every tile shape,
+    /// a depth range inside the operand) against f64; nothing outside the
+    /// tile is written.
+    #[test]
+    fn tile_from_rows_matches_f64() {
+        let (m, k) = (15, 40);
+        let a = values(m * k, 7);
+        let packed = PackedLhs::new(&a, m, k);
+        let image = values(k * 23 + NR, 8);
+        // Row p of B: 16 values at 23 * (k - 1 - p) + p % 5 (not in order).
+        let depth = 3..37;
+        let offsets: Vec<usize> = depth.clone().map(|p| 23 * (k - 1 - p) + p % 5).collect();
+        for panel in 0..m.div_ceil(MR) {
+            let h = MR.min(m - panel * MR);
+            for w in [NR, 9, 1] {
+                for add in [false, true] {
+                    let ldc = 21;
+                    let init = values(MR * ldc, 9);
+                    let mut got = init.clone();
+                    // SAFETY: every offset + NR lies inside image; got holds MR rows of ldc >= w.
+                    unsafe {
+                        packed.tile_from_rows(
+                            panel,
+                            depth.clone(),
+                            image.as_ptr(),
+                            &offsets,
+                            got.as_mut_ptr(),
+                            ldc,
+                            (h, w),
+                            add,
+                        )
+                    };
+                    for i in 0..MR {
+                        for j in 0..ldc {
+                            let x = i * ldc + j;
+                            if i >= h || j >= w {
+                                assert_eq!(got[x].to_bits(), init[x].to_bits(), "written outside");
+                                continue;
+                            }
+                            let row = panel * MR + i;
+                            let s: f64 = depth
+                                .clone()
+                                .zip(&offsets)
+                                .map(|(p, &off)| a[row * k + p] as f64 * image[off + j] as f64)
+                                .sum();
+                            let want = if add { init[x] as f64 + s } else { s };
+                            assert!((got[x] as f64 - want).abs() < 1e-4, "{panel} {w} {i},{j}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The AVX2 kernel and the portable one agree (where the CPU has AVX2),
     /// for a full tile and through `tile` for every shorter one, whose rows
     /// below `h` must stay untouched.
@@ -643,8 +779,9 @@ mod tests {
             let mut slow = init.clone();
             // SAFETY: AVX2 and FMA checked; the tiles have MR rows of 20 >= NR.
             unsafe {
-                tile(true, kc, &a, &b, fast.as_mut_ptr(), 20, (h, NR), true);
-                kernel_portable(kc, &a, &b, slow.as_mut_ptr(), 20, true);
+                let rows = PanelRows(b.as_ptr());
+                tile(true, kc, &a, rows, fast.as_mut_ptr(), 20, (h, NR), true);
+                kernel_portable(kc, &a, rows, slow.as_mut_ptr(), 20, true);
             }
             for (x, (f, s)) in fast.iter().zip(&slow).enumerate() {
                 if x / 20 < h && x % 20 < NR {
