@@ -101,11 +101,27 @@ impl Epilogue<'_> {
 }
 
 /// Dense convolution (one group) of `x` `[B, C, H, W]` with `weight`
-/// `[O, C * k * k]` (packed), returning `[B, O, Ho, Wo]`.
-pub fn dense(x: &[f32], g: &ConvGeometry, weight: &PackedLhs, epilogue: &Epilogue) -> Vec<f32> {
+/// `[O, C * k * k]` (packed), returning `[B, O, Ho, Wo]`. `x` is given as
+/// one or more parts `[B, C_j, H, W]` whose channels, in order, make the
+/// `C`: a concatenation read where its parts lie, never copied into one.
+pub fn dense(
+    parts: &[&[f32]],
+    g: &ConvGeometry,
+    weight: &PackedLhs,
+    epilogue: &Epilogue,
+) -> Vec<f32> {
     let (n, o) = (g.out_plane(), g.out_channels);
     let depth = g.in_channels * g.kernel * g.kernel;
-    assert_eq!(x.len(), g.batch * g.in_channels * g.in_plane());
+    let per_channel = g.batch * g.in_plane();
+    assert!(
+        parts.iter().all(|p| p.len() % per_channel.max(1) == 0)
+            && parts.iter().map(|p| p.len()).sum::<usize>() == g.in_channels * per_channel,
+        "the parts are not [{}, C_j, {}, {}] with {} channels in all",
+        g.batch,
+        g.height,
+        g.width,
+        g.in_channels
+    );
     assert_eq!((weight.rows(), weight.depth()), (o, depth));
     assert_eq!(epilogue.bias.len(), o);
     let per_image = o * n;
@@ -113,9 +129,10 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &PackedLhs, epilogue: &Epilogu
     if let Some(r) = epilogue.residual {
         assert_eq!(r.len(), total);
     }
-    if runs_direct(g) {
-        return dense_direct(x, g, weight, epilogue);
-    }
+    let x = match parts {
+        [x] if !runs_direct(g) => *x,
+        _ => return dense_direct(parts, g, weight, epilogue),
+    };
     // Left uninitialised: the gemm writes every value (without reading)
     // before the epilogue reads it, and the length is set after that.
     let mut out = Vec::<f32>::with_capacity(total);
@@ -199,10 +216,11 @@ pub fn dense(x: &[f32], g: &ConvGeometry, weight: &PackedLhs, epilogue: &Epilogu
     out
 }
 
-/// Whether [`dense_direct`] computes this convolution rather than im2col
-/// and the gemm: any with more than one tap. (A 1x1 convolution reads its
-/// input in place, or a strided subsample of it, through the gemm's own
-/// packing, which measured faster for ResNet-50's wide 1x1 layers.)
+/// Whether `dense_direct` computes this convolution rather than im2col and
+/// the gemm: any with more than one tap, and any over several parts. (A 1x1
+/// convolution over one part reads it in place, or a strided subsample of
+/// it, through the gemm's own packing, which measured faster for ResNet-50's
+/// wide 1x1 layers.)
 fn runs_direct(g: &ConvGeometry) -> bool {
     g.kernel > 1
 }
@@ -231,7 +249,12 @@ const DIRECT_GROUP_FLOATS: usize = 32 * 1024;
 /// nobody reads (2 of 82 for a 3x3 at 80 pixels, 2 of 9 at 7), so a tile is
 /// always 16 pixels whatever the width. The epilogue copies the useful ones
 /// out with bias, residual and activation while the band is in cache.
-fn dense_direct(x: &[f32], g: &ConvGeometry, weight: &PackedLhs, epilogue: &Epilogue) -> Vec<f32> {
+fn dense_direct(
+    parts: &[&[f32]],
+    g: &ConvGeometry,
+    weight: &PackedLhs,
+    epilogue: &Epilogue,
+) -> Vec<f32> {
     const NR: usize = sgemm::NR;
     let (n, o, c, k, s) = (
         g.out_plane(),
@@ -279,10 +302,14 @@ fn dense_direct(x: &[f32], g: &ConvGeometry, weight: &PackedLhs, epilogue: &Epil
     (0..g.batch * bands).into_par_iter().for_each(|t| {
         let (i, oy0) = (t / bands, t % bands * band);
         let rows = band.min(g.out_height - oy0);
-        let image = &x[i * c * g.in_plane()..][..c * g.in_plane()];
+        // Image i's channel planes, part after part.
+        let planes = parts.iter().flat_map(|part| {
+            let image = part.len() / g.batch;
+            part[i * image..][..image].chunks_exact(g.in_plane())
+        });
         with_scratch(window_len + o * positions, |scratch| {
             let (window, sums) = scratch.split_at_mut(window_len);
-            pad_window(image, g, oy0..oy0 + rows + reach, wp, plane, window);
+            pad_window(planes, g, oy0..oy0 + rows + reach, wp, plane, window);
             let used = (rows * wp).next_multiple_of(NR);
             let panels = o.div_ceil(sgemm::MR);
             for c0 in (0..c).step_by(block) {
@@ -342,12 +369,13 @@ fn dense_direct(x: &[f32], g: &ConvGeometry, weight: &PackedLhs, epilogue: &Epil
     out
 }
 
-/// Copies what output rows `rows` read of every channel of `image` into
-/// `window`: for each channel and each stride phase `(qy, qx)`, a `plane`
-/// whose row `r` holds padded input row `s * rows.start + s * r + qy` at
-/// columns `qx, qx + s, ...` (`wp` of them), zero outside the input.
-fn pad_window(
-    image: &[f32],
+/// Copies what output rows `rows` read of every channel plane of one image
+/// (`[H, W]` each, in order) into `window`: for each channel and each stride
+/// phase `(qy, qx)`, a `plane` whose row `r` holds padded input row
+/// `s * rows.start + s * r + qy` at columns `qx, qx + s, ...` (`wp` of
+/// them), zero outside the input.
+fn pad_window<'a>(
+    channels: impl Iterator<Item = &'a [f32]>,
     g: &ConvGeometry,
     rows: Range<usize>,
     wp: usize,
@@ -356,8 +384,7 @@ fn pad_window(
 ) {
     let s = g.stride;
     let mut planes = window.chunks_mut(plane);
-    for ch in 0..g.in_channels {
-        let src = &image[ch * g.in_plane()..][..g.in_plane()];
+    for src in channels {
         for (qy, qx) in (0..s * s).map(|q| (q / s, q % s)) {
             let dst = planes.next().expect("a plane per channel and phase");
             for (r, oy) in rows.clone().enumerate() {

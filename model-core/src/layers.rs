@@ -328,18 +328,48 @@ impl Conv2d {
     /// `act(conv(x) + bias + residual)`: the residual (the output's shape)
     /// is added before the activation, as in a ResNet block.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.profiled(x, "+res", || {
+        self.profiled(x.dims4()?, "+res", || {
             if self.runs_on_host() {
-                return self.host_forward(x, Some(residual));
+                return self.host_forward(std::slice::from_ref(x), Some(residual));
             }
             self.act.apply(&(self.conv_bias(x)? + residual)?)
         })
     }
 
+    /// The convolution of the channel concatenation of `parts` (`[B, C_j,
+    /// H, W]` each), as `forward(&Tensor::cat(parts, 1))` computes it. Fovea's
+    /// dense CPU kernel reads the parts where they lie; elsewhere they are
+    /// concatenated first.
+    pub fn forward_cat(&self, parts: &[Tensor]) -> Result<Tensor> {
+        let on_host = matches!(self.kernel, ConvKernel::CpuDense(..));
+        match parts {
+            [x] => self.forward(x),
+            _ if on_host && parts.iter().all(is_host_f32) => {
+                let (b, _, h, w) = parts[0].dims4()?;
+                let mut channels = 0;
+                for part in parts {
+                    let (pb, c, ph, pw) = part.dims4()?;
+                    if (pb, ph, pw) != (b, h, w) {
+                        candle_core::bail!(
+                            "cannot concatenate {:?} with {:?}",
+                            part.dims(),
+                            parts[0].dims()
+                        )
+                    }
+                    channels += c;
+                }
+                self.profiled((b, channels, h, w), " cat", || {
+                    self.host_forward(parts, None)
+                })
+            }
+            _ => self.forward(&Tensor::cat(parts, 1)?),
+        }
+    }
+
     /// Runs `f` under the per-layer profile (see [`crate::profile`]).
     fn profiled(
         &self,
-        x: &Tensor,
+        (b, c, h, w): (usize, usize, usize, usize),
         extra: &str,
         f: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Tensor> {
@@ -349,7 +379,6 @@ impl Conv2d {
         let start = std::time::Instant::now();
         let y = f()?;
         let time = start.elapsed();
-        let (b, c, h, w) = x.dims4()?;
         let (_, o, ho, wo) = y.dims4()?;
         let s = &self.spec;
         let k = s.kernel;
@@ -371,10 +400,15 @@ impl Conv2d {
         )
     }
 
-    /// The whole layer through [`cpu_conv`], reading the input (and the
-    /// residual) in place.
-    fn host_forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+    /// The whole layer through [`cpu_conv`], reading the input (the channel
+    /// concatenation of `parts`, which share their other dimensions) and the
+    /// residual in place.
+    fn host_forward(&self, parts: &[Tensor], residual: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, h, w) = parts[0].dims4()?;
+        let c = parts.iter().map(|p| p.dim(1)).sum::<Result<usize>>()?;
+        if c != self.spec.in_channels {
+            candle_core::bail!("{c} input channels, expected {}", self.spec.in_channels)
+        }
         let s = &self.spec;
         let (top, bottom, left, right) = self.pads(h, w);
         let span = (s.kernel - 1) * s.dilation + 1;
@@ -405,23 +439,23 @@ impl Conv2d {
                 )
             }
         }
-        let y = with_host_f32(x, |xs| match residual {
+        let y = with_host_f32_parts(parts, |xs| match residual {
             Some(r) => with_host_f32(r, |rs| self.host_kernel(xs, &g, Some(rs))),
             None => Ok(self.host_kernel(xs, &g, None)),
         })??;
         Tensor::from_vec(y, out_shape, &Device::Cpu)
     }
 
-    fn host_kernel(&self, x: &[f32], g: &ConvGeometry, residual: Option<&[f32]>) -> Vec<f32> {
+    fn host_kernel(&self, x: &[&[f32]], g: &ConvGeometry, residual: Option<&[f32]>) -> Vec<f32> {
         let epilogue = |bias| Epilogue {
             bias,
             residual,
             act: self.act,
         };
-        match &self.kernel {
-            ConvKernel::CpuDense(w, b) => cpu_conv::dense(x, g, w, &epilogue(b)),
-            ConvKernel::CpuDepthwise(w, b) => cpu_conv::depthwise(x, g, w, &epilogue(b)),
-            _ => unreachable!("host_kernel is only called for the host kernels"),
+        match (&self.kernel, x) {
+            (ConvKernel::CpuDense(w, b), _) => cpu_conv::dense(x, g, w, &epilogue(b)),
+            (ConvKernel::CpuDepthwise(w, b), [x]) => cpu_conv::depthwise(x, g, w, &epilogue(b)),
+            _ => unreachable!("host_kernel runs the host kernels, a depthwise one on one part"),
         }
     }
 
@@ -453,9 +487,9 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.profiled(x, "", || {
+        self.profiled(x.dims4()?, "", || {
             if self.runs_on_host() {
-                return self.host_forward(x, None);
+                return self.host_forward(std::slice::from_ref(x), None);
             }
             self.act.apply(&self.conv_bias(x)?)
         })
@@ -470,19 +504,31 @@ pub fn is_host_f32(t: &Tensor) -> bool {
 /// Calls `f` with the elements of an f32 CPU tensor in row-major order,
 /// without a copy when the tensor is already contiguous.
 pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(data)) => {
-            let start = layout.start_offset();
-            Ok(f(&data[start..start + layout.shape().elem_count()]))
+    with_host_f32_parts(std::slice::from_ref(t), |data| f(data[0]))
+}
+
+/// [`with_host_f32`] for several tensors at once.
+pub fn with_host_f32_parts<R>(ts: &[Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let ts = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (t, (storage, layout)) in ts.iter().zip(&guards) {
+        match &**storage {
+            Storage::Cpu(CpuStorage::F32(data)) => {
+                let start = layout.start_offset();
+                slices.push(&data[start..start + layout.shape().elem_count()]);
+            }
+            _ => candle_core::bail!(
+                "expected an f32 CPU tensor, got {:?} on {:?}",
+                t.dtype(),
+                t.device()
+            ),
         }
-        _ => candle_core::bail!(
-            "expected an f32 CPU tensor, got {:?} on {:?}",
-            t.dtype(),
-            t.device()
-        ),
     }
+    Ok(f(&slices))
 }
 
 /// `kernel x kernel` max pool of `[B, C, H, W]` with stride `stride` and
@@ -1112,6 +1158,53 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A convolution of a concatenation read in place equals the
+    /// convolution of the concatenated tensor, on the host kernels (1x1 and
+    /// 3x3, batches taking both threading paths) and on candle's (f64).
+    #[test]
+    fn convolutions_read_concatenations_in_place() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            for (k, batch) in [(1, 1), (1, 3), (3, 2)] {
+                let sizes = [5, 16, 3];
+                let parts = sizes
+                    .iter()
+                    .map(|&c| Tensor::randn(0f32, 1., (batch, c, 9, 20), &dev)?.to_dtype(dtype))
+                    .collect::<Result<Vec<_>>>()?;
+                let c: usize = sizes.iter().sum();
+                let weight = Tensor::randn(0f32, 1., (7, c, k, k), &dev)?;
+                let bias = Tensor::randn(0f32, 1., 7, &dev)?;
+                let spec = ConvSpec::new(c, 7, k, 1);
+                let placement = Placement::new(&dev, dtype);
+                let conv = Conv2d::from_folded(&weight, &bias, spec, Activation::Silu, &placement)?;
+                let want = conv.forward(&Tensor::cat(&parts, 1)?)?;
+                let got = conv.forward_cat(&parts)?;
+                let what = format!("{dtype:?} k{k} batch {batch}");
+                assert_eq!(got.dims(), want.dims(), "{what}");
+                let (got, want) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
+                assert!(max_diff(&got, &want) < 1e-5, "{what}");
+            }
+        }
+        let conv = Conv2d::from_folded(
+            &Tensor::zeros((2, 4, 1, 1), DType::F32, &dev)?,
+            &Tensor::zeros(2, DType::F32, &dev)?,
+            ConvSpec::new(4, 2, 1, 1),
+            Activation::None,
+            &cpu(),
+        )?;
+        let a = Tensor::zeros((1, 2, 4, 4), DType::F32, &dev)?;
+        let b = Tensor::zeros((1, 2, 4, 5), DType::F32, &dev)?;
+        assert!(
+            conv.forward_cat(&[a.clone(), b]).is_err(),
+            "mismatched sizes"
+        );
+        assert!(
+            conv.forward_cat(&[a.clone(), a.clone(), a]).is_err(),
+            "too many channels"
+        );
         Ok(())
     }
 

@@ -394,18 +394,22 @@ struct C2f {
     hidden: usize,
 }
 
-impl Module for C2f {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.cv1.forward(x)?;
+impl C2f {
+    /// Of the channel concatenation of `x`, as every block here: the
+    /// concatenations, inside the block and before it, are read in place
+    /// by the 1x1 convolutions that take them ([`Conv2d::forward_cat`]).
+    fn forward(&self, x: &[Tensor]) -> Result<Tensor> {
+        let y = self.cv1.forward_cat(x)?;
         let c = self.hidden;
-        let mut parts = Vec::with_capacity(2 + self.m.len());
-        parts.push(y.narrow(1, 0, c)?);
-        parts.push(y.narrow(1, c, c)?);
+        // y's two halves, concatenated, are y.
+        let mut last = y.narrow(1, c, c)?;
+        let mut parts = Vec::with_capacity(1 + self.m.len());
+        parts.push(y);
         for m in &self.m {
-            let next = m.forward(&parts[parts.len() - 1])?;
-            parts.push(next);
+            last = m.forward(&last)?;
+            parts.push(last.clone());
         }
-        self.cv2.forward(&Tensor::cat(&parts, 1)?)
+        self.cv2.forward_cat(&parts)
     }
 }
 
@@ -418,14 +422,13 @@ struct C3 {
     m: Vec<Bottleneck>,
 }
 
-impl Module for C3 {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.cv1.forward(x)?;
+impl C3 {
+    fn forward(&self, x: &[Tensor]) -> Result<Tensor> {
+        let mut y = self.cv1.forward_cat(x)?;
         for m in &self.m {
             y = m.forward(&y)?;
         }
-        self.cv3
-            .forward(&Tensor::cat(&[y, self.cv2.forward(x)?], 1)?)
+        self.cv3.forward_cat(&[y, self.cv2.forward_cat(x)?])
     }
 }
 
@@ -437,14 +440,14 @@ struct Sppf {
     cv2: Conv2d,
 }
 
-impl Module for Sppf {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y0 = self.cv1.forward(x)?;
+impl Sppf {
+    fn forward(&self, x: &[Tensor]) -> Result<Tensor> {
+        let y0 = self.cv1.forward_cat(x)?;
         // 5x5, stride 1, padding 2.
         let y1 = max_pool2d(&y0, 5, 1, 2)?;
         let y2 = max_pool2d(&y1, 5, 1, 2)?;
         let y3 = max_pool2d(&y2, 5, 1, 2)?;
-        self.cv2.forward(&Tensor::cat(&[y0, y1, y2, y3], 1)?)
+        self.cv2.forward_cat(&[y0, y1, y2, y3])
     }
 }
 
@@ -596,14 +599,21 @@ impl Body {
     /// The three feature maps the head reads.
     fn forward(&self, x: &Tensor) -> Result<[Tensor; 3]> {
         let mut saved: Vec<Option<Tensor>> = vec![None; self.layers.len()];
-        let mut x = x.clone();
+        // The last output as channel parts: a Concat only adds a part, which
+        // the next block's convolutions read in place.
+        let mut x = vec![x.clone()];
+        let join = |parts: &[Tensor]| match parts {
+            [x] => Ok(x.clone()),
+            _ => Tensor::cat(parts, 1),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            x = match layer {
-                Layer::Conv(m) => m.forward(&x)?,
+            let y = match layer {
+                Layer::Conv(m) => m.forward_cat(&x)?,
                 Layer::C2f(m) => m.forward(&x)?,
                 Layer::C3(m) => m.forward(&x)?,
                 Layer::Sppf(m) => m.forward(&x)?,
                 Layer::Upsample => {
+                    let x = join(&x)?;
                     let (_, _, h, w) = x.dims4()?;
                     x.upsample_nearest2d(2 * h, 2 * w)?
                 }
@@ -611,11 +621,16 @@ impl Body {
                     let other = saved[*j].as_ref().ok_or_else(|| {
                         candle_core::Error::Msg(format!("layer {j} output was not kept"))
                     })?;
-                    Tensor::cat(&[&x, other], 1)?
+                    x.push(other.clone());
+                    if self.keep[i] {
+                        saved[i] = Some(join(&x)?);
+                    }
+                    continue;
                 }
             };
+            x = vec![y];
             if self.keep[i] {
-                saved[i] = Some(x.clone());
+                saved[i] = Some(x[0].clone());
             }
         }
         let take = |j: usize| {
