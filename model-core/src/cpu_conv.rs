@@ -225,10 +225,11 @@ fn runs_direct(g: &ConvGeometry) -> bool {
     g.kernel > 1
 }
 
-/// Input channels per depth block of [`dense_direct`]: 32 channels of 3x3
-/// taps (288 rows of B) keep a block's weight panel (7 KiB) and the input
-/// rows one register tile reads (32 x 3 rows) in L1.
-const DIRECT_BLOCK_CHANNELS: usize = 32;
+/// Rows of B per depth block of `dense_direct`, about the gemm's own: 32
+/// channels of 3x3 taps (288) or 256 of a 1x1 keep a block's weight panel
+/// (6-7 KiB) and the input one register tile reads (32 x 3 rows, or 256
+/// rows of 16 values) in L1.
+const DIRECT_BLOCK_DEPTH: usize = 256;
 
 /// Weight values per group of panels that [`dense_direct`] runs over one
 /// tile of input before the next (128 KiB: a quarter of L2).
@@ -285,7 +286,7 @@ fn dense_direct(
         (len.div_ceil(16) | 1) * 16
     };
     let taps = k * k;
-    let block = DIRECT_BLOCK_CHANNELS.min(c);
+    let block = (DIRECT_BLOCK_DEPTH / taps).max(32).min(c);
     let offsets: Vec<usize> = (0..block * taps)
         .map(|r| {
             let (ch, tap) = (r / taps, r % taps);
@@ -430,8 +431,8 @@ thread_local! {
 /// Runs `f` on `len` floats of this thread's scratch buffer, which is kept
 /// for the next layer and request (no allocation, no zeroing). Its contents
 /// are left over from earlier use: `f` must write before it reads. The
-/// buffer grows to the largest tile's column matrix (at most
-/// MIN_TILE_COLUMNS x the deepest layer's C*k*k, 9 MiB for 512 channels).
+/// buffer grows to the largest band's window and sums, or the largest 1x1
+/// tile's subsampled input (a few MiB for ResNet-50 and DETR).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut buf) => {

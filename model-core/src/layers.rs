@@ -1169,13 +1169,15 @@ mod tests {
         let dev = Device::Cpu;
         for dtype in [DType::F32, DType::F64] {
             for (k, batch) in [(1, 1), (1, 3), (3, 2)] {
-                let sizes = [5, 16, 3];
+                // Past 256 channels a 1x1 runs in two depth blocks, one
+                // of them across a part's edge.
+                let sizes = if k == 1 { [150, 7, 140] } else { [5, 16, 3] };
                 let parts = sizes
                     .iter()
                     .map(|&c| Tensor::randn(0f32, 1., (batch, c, 9, 20), &dev)?.to_dtype(dtype))
                     .collect::<Result<Vec<_>>>()?;
                 let c: usize = sizes.iter().sum();
-                let weight = Tensor::randn(0f32, 1., (7, c, k, k), &dev)?;
+                let weight = Tensor::randn(0f32, 0.1, (7, c, k, k), &dev)?;
                 let bias = Tensor::randn(0f32, 1., 7, &dev)?;
                 let spec = ConvSpec::new(c, 7, k, 1);
                 let placement = Placement::new(&dev, dtype);
@@ -1185,7 +1187,7 @@ mod tests {
                 let what = format!("{dtype:?} k{k} batch {batch}");
                 assert_eq!(got.dims(), want.dims(), "{what}");
                 let (got, want) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
-                assert!(max_diff(&got, &want) < 1e-5, "{what}");
+                assert!(max_diff(&got, &want) < 1e-4, "{what}");
             }
         }
         let conv = Conv2d::from_folded(
