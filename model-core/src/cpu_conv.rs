@@ -264,6 +264,9 @@ fn dense_direct(
         g.kernel,
         g.stride,
     );
+    if g.batch * n == 0 {
+        return Vec::new();
+    }
     let phases = s * s;
     // Rows and columns past the band's own that the taps reach, per phase.
     let reach = (k - 1) * g.dilation / s;

@@ -1197,6 +1197,11 @@ mod tests {
             Activation::None,
             &cpu(),
         )?;
+        let empty = Tensor::zeros((0, 2, 5, 5), DType::F32, &dev)?;
+        assert_eq!(
+            conv.forward_cat(&[empty.clone(), empty])?.dims(),
+            [0, 2, 5, 5]
+        );
         let a = Tensor::zeros((1, 2, 4, 4), DType::F32, &dev)?;
         let b = Tensor::zeros((1, 2, 4, 5), DType::F32, &dev)?;
         assert!(
