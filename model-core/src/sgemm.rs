@@ -13,6 +13,9 @@
 //!   out]`). Activations are packed per block into a per-thread scratch
 //!   buffer. The `gemm` crate, used before, re-packed the weights on every
 //!   call.
+//! - A convolution can instead give the register tile its B rows where they
+//!   lie, one offset per depth (`PackedLhs::tile_from_rows`): a padded input
+//!   window read in place, with no packing.
 //! - Without AVX2 and FMA (and off x86-64), a portable kernel does the same
 //!   steps.
 
