@@ -407,7 +407,11 @@ fn pad_window<'a>(
 /// zeros on the left and any number on the right.
 fn phase_row(input: &[f32], pad: usize, stride: usize, phase: usize, out: &mut [f32]) {
     // The first u whose column u * stride + phase - pad lies in the input.
-    let lo = pad.saturating_sub(phase).div_ceil(stride).min(out.len());
+    let lo = pad.saturating_sub(phase).div_ceil(stride);
+    if lo >= out.len() {
+        out.fill(0.0);
+        return;
+    }
     let first = lo * stride + phase - pad;
     let len = if first < input.len() {
         (input.len() - first).div_ceil(stride).min(out.len() - lo)
