@@ -40,8 +40,22 @@ impl Placement {
 
     /// Whether the model runs on the host kernels (f32 on the CPU).
     pub fn is_host_f32(&self) -> bool {
-        self.device.is_cpu() && self.dtype == DType::F32
+        self.device.is_cpu() && self.dtype == DType::F32 && host_kernels_enabled()
     }
+}
+
+/// Whether Fovea's own CPU kernels run (the default). With
+/// `FOVEA_HOST_KERNELS=off` every layer goes through candle's ops instead,
+/// exactly as on CUDA and Metal: the GPU code path can then be checked
+/// against the references on a CPU, and the kernels' gain measured.
+pub fn host_kernels_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        !matches!(
+            std::env::var("FOVEA_HOST_KERNELS").as_deref(),
+            Ok("off" | "0" | "false")
+        )
+    })
 }
 
 /// A folded f32 CPU tensor's elements, row-major, for the host kernels.
@@ -291,7 +305,7 @@ impl Conv2d {
                 .map(|i| placement.place(&taps.get(i)?.reshape((1, o, 1, 1))?))
                 .collect::<Result<Vec<_>>>()?;
             ConvKernel::Depthwise(taps)
-        } else if spec.groups == 1 && placement.device.is_cpu() {
+        } else if spec.groups == 1 && placement.device.is_cpu() && host_kernels_enabled() {
             let taps_first = weight
                 .permute((0, 2, 3, 1))?
                 .contiguous()?
@@ -498,7 +512,7 @@ impl Module for Conv2d {
 
 /// Whether `t` is f32 on the CPU: the host kernels' domain.
 pub fn is_host_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    t.device().is_cpu() && t.dtype() == DType::F32 && host_kernels_enabled()
 }
 
 /// Calls `f` with the elements of an f32 CPU tensor in row-major order,
@@ -655,18 +669,33 @@ fn depthwise_image(x: &Tensor, taps: &[Tensor], spec: &ConvSpec) -> Result<Tenso
     // With a stride, every tap reads one of stride*stride interleaved grids:
     // split them out once so that each tap is a plain shifted view.
     let phases = Phases::split(x, stride, ho, wo, span)?;
+    // f16/bf16 sum the taps in f32, as PyTorch's kernels do. Summed in
+    // bf16 (with the pooling below), the tiny EfficientNet fixtures were
+    // 6-12x further from the f32 reference than PyTorch's own bf16 run.
+    let sum_dtype = accumulation_dtype(x.dtype());
     let mut acc: Option<Tensor> = None;
     for i in 0..k {
         for j in 0..k {
             let view = phases.view(i * dilation, j * dilation, ho, wo)?;
-            let term = view.broadcast_mul(&taps[i * k + j])?;
+            let term = view
+                .to_dtype(sum_dtype)?
+                .broadcast_mul(&taps[i * k + j].to_dtype(sum_dtype)?)?;
             acc = Some(match acc {
                 None => term,
                 Some(a) => (a + term)?,
             });
         }
     }
-    acc.ok_or_else(|| candle_core::Error::Msg("depthwise convolution without taps".into()))
+    acc.ok_or_else(|| candle_core::Error::Msg("depthwise convolution without taps".into()))?
+        .to_dtype(x.dtype())
+}
+
+/// The dtype sums are accumulated in: f32 for the half-precision types.
+fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
 }
 
 /// Convolution of an already padded input as im2col + gemm, one image at a
@@ -999,8 +1028,13 @@ impl Module for LayerNorm {
 /// Mean over the spatial dimensions: `[B, C, H, W]` -> `[B, C]`.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    // One reduction over a flattened axis is cheaper than two.
-    x.contiguous()?.reshape((b, c, h * w))?.mean(D::Minus1)
+    // One reduction over a flattened axis is cheaper than two; f16/bf16
+    // sum in f32 (candle's CPU reduction accumulates in the input's dtype).
+    x.contiguous()?
+        .reshape((b, c, h * w))?
+        .to_dtype(accumulation_dtype(x.dtype()))?
+        .mean(D::Minus1)?
+        .to_dtype(x.dtype())
 }
 
 #[cfg(test)]
