@@ -49,6 +49,33 @@ pub enum JobError {
     DeadlineExceeded,
     #[error("inference failed: {0}")]
     Failed(String),
+    /// The device had no memory left for this batch. The batch fails, the
+    /// model keeps serving: a smaller or later batch may fit.
+    #[error("the device ran out of memory: {0}")]
+    OutOfMemory(String),
+}
+
+impl JobError {
+    /// A failed forward pass, told apart by what the device reported:
+    /// CUDA's driver and cuBLAS/cuDNN allocation errors, Metal's buffer
+    /// allocation failures.
+    pub fn from_failure(message: String) -> Self {
+        let lower = message.to_ascii_lowercase();
+        let out_of_memory = [
+            "out_of_memory",
+            "out of memory",
+            "alloc_failed",
+            "failed to allocate",
+            "insufficient memory",
+        ]
+        .iter()
+        .any(|sign| lower.contains(sign));
+        if out_of_memory {
+            JobError::OutOfMemory(message)
+        } else {
+            JobError::Failed(message)
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -84,6 +111,9 @@ pub struct BatchMetrics {
     pub batch_size: Histogram,
     pub queue_depth: IntGauge,
     pub images: IntCounter,
+    /// Failed forward passes: out of device memory, and anything else.
+    pub out_of_memory: IntCounter,
+    pub errors: IntCounter,
 }
 
 pub struct Batcher<I, O> {
@@ -277,8 +307,13 @@ impl<R: BatchRunner> Worker<R> {
             }
             Err(message) => {
                 tracing::error!(error = %message, batch = n, "batch failed");
+                let error = JobError::from_failure(message);
+                match error {
+                    JobError::OutOfMemory(_) => self.metrics.out_of_memory.inc(),
+                    _ => self.metrics.errors.inc(),
+                }
                 for (_, reply) in live {
-                    let _ = reply.send(Err(JobError::Failed(message.clone())));
+                    let _ = reply.send(Err(error.clone()));
                 }
             }
         }
@@ -307,6 +342,10 @@ mod tests {
             if inputs.contains(&-1) {
                 panic!("poisoned input");
             }
+            if inputs.contains(&-2) {
+                // What candle passes on from CUDA's driver (cudarc's DriverError).
+                anyhow::bail!("conv2d: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+            }
             Ok(inputs.into_iter().map(|x| x * 2).collect())
         }
     }
@@ -319,6 +358,8 @@ mod tests {
             batch_size: m.batch_size.with_label_values(&["t"]),
             queue_depth: m.queue_depth.with_label_values(&["t"]),
             images: m.images_total.with_label_values(&["t"]),
+            out_of_memory: m.batch_failures.with_label_values(&["t", "out_of_memory"]),
+            errors: m.batch_failures.with_label_values(&["t", "error"]),
         }
     }
 
@@ -420,6 +461,44 @@ mod tests {
         assert!(matches!(results(bad)[0], Err(JobError::Failed(_))));
         let good = b.submit(vec![4], far()).unwrap();
         assert_eq!(results(good), vec![Ok(8)]);
+    }
+
+    #[test]
+    fn out_of_memory_fails_its_batch_and_the_model_keeps_serving() {
+        let m = metrics();
+        let (out_of_memory, errors) = (m.out_of_memory.clone(), m.errors.clone());
+        let runner = Doubler {
+            sizes: Default::default(),
+            gate: Arc::new(AtomicBool::new(true)),
+        };
+        let b = Batcher::spawn("t", settings(8, 0, 16), runner, m);
+        let big = b.submit(vec![1, -2], far()).unwrap();
+        for result in results(big) {
+            assert!(
+                matches!(&result, Err(JobError::OutOfMemory(m)) if m.contains("CUDA_ERROR_OUT_OF_MEMORY")),
+                "{result:?}"
+            );
+        }
+        let good = b.submit(vec![4], far()).unwrap();
+        assert_eq!(results(good), vec![Ok(8)]);
+        assert_eq!((out_of_memory.get(), errors.get()), (1, 0));
+    }
+
+    #[test]
+    fn device_memory_errors_are_told_apart() {
+        for message in [
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "matmul: CublasError(CUBLAS_STATUS_ALLOC_FAILED)",
+            "cudnn: CUDNN_STATUS_ALLOC_FAILED",
+            "Metal error: failed to allocate buffer",
+        ] {
+            let e = JobError::from_failure(message.into());
+            assert!(matches!(e, JobError::OutOfMemory(_)), "{message}");
+        }
+        for message in ["shape mismatch in conv2d", "the forward pass panicked"] {
+            let e = JobError::from_failure(message.into());
+            assert!(matches!(e, JobError::Failed(_)), "{message}");
+        }
     }
 
     #[test]

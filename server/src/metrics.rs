@@ -1,5 +1,8 @@
 //! Prometheus metrics, named as DESIGN.md gives them.
 
+use std::sync::Mutex;
+
+use candle_core::Device;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -26,6 +29,11 @@ pub struct Metrics {
     pub model_info: GaugeVec,
     pub model_load_duration: HistogramVec,
     pub detections_per_image: HistogramVec,
+    pub batch_failures: IntCounterVec,
+    pub device_memory_used: IntGaugeVec,
+    pub device_memory_total: IntGaugeVec,
+    /// The accelerators whose memory is read at each scrape.
+    devices: Mutex<Vec<Device>>,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
@@ -108,6 +116,31 @@ impl Metrics {
                 &["model"],
                 DETECTION_BUCKETS,
             ),
+            batch_failures: IntCounterVec::new(
+                Opts::new(
+                    "fovea_batch_failures_total",
+                    "Forward passes that failed, by reason (out_of_memory, error).",
+                ),
+                &["model", "reason"],
+            )
+            .expect("valid counter"),
+            device_memory_used: IntGaugeVec::new(
+                Opts::new(
+                    "fovea_device_memory_used_bytes",
+                    "Accelerator memory in use (by every process), read at each scrape.",
+                ),
+                &["device"],
+            )
+            .expect("valid gauge"),
+            device_memory_total: IntGaugeVec::new(
+                Opts::new(
+                    "fovea_device_memory_total_bytes",
+                    "Accelerator memory in all.",
+                ),
+                &["device"],
+            )
+            .expect("valid gauge"),
+            devices: Mutex::new(Vec::new()),
         };
         for c in m.collectors() {
             m.registry.register(c).expect("unique metric names");
@@ -128,11 +161,46 @@ impl Metrics {
             Box::new(self.model_info.clone()),
             Box::new(self.model_load_duration.clone()),
             Box::new(self.detections_per_image.clone()),
+            Box::new(self.batch_failures.clone()),
+            Box::new(self.device_memory_used.clone()),
+            Box::new(self.device_memory_total.clone()),
         ]
+    }
+
+    /// Reports `device`'s memory from now on, if it is an accelerator whose
+    /// memory can be read (CUDA).
+    pub fn watch_device(&self, device: &Device) {
+        if crate::registry::device_memory(device).is_none() {
+            return;
+        }
+        let label = crate::registry::device_label(device);
+        let mut devices = self.devices.lock().expect("devices lock");
+        if !devices
+            .iter()
+            .any(|d| crate::registry::device_label(d) == label)
+        {
+            devices.push(device.clone());
+        }
+    }
+
+    fn read_device_memory(&self) {
+        for device in self.devices.lock().expect("devices lock").iter() {
+            if let Some(memory) = crate::registry::device_memory(device) {
+                let label = crate::registry::device_label(device);
+                let used = memory.total.saturating_sub(memory.free);
+                self.device_memory_used
+                    .with_label_values(&[&label])
+                    .set(used as i64);
+                self.device_memory_total
+                    .with_label_values(&[&label])
+                    .set(memory.total as i64);
+            }
+        }
     }
 
     /// The Prometheus text exposition format.
     pub fn render(&self) -> String {
+        self.read_device_memory();
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

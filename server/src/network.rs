@@ -40,6 +40,9 @@ impl Task {
 }
 
 /// A loaded network.
+// One per loaded model, behind an Arc: the variants' sizes (larger with a
+// CUDA device handle inside) cost nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Network {
     Classifier(Classifier),
     Yolo(Yolo),

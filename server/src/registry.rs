@@ -10,7 +10,7 @@ use fovea_model_core::classifier::ClassifierInfo;
 use fovea_model_core::preprocess::Preprocess;
 use fovea_weights::store::{Manifest, Store, StoredModel};
 
-use crate::batcher::{BatchMetrics, BatchSettings, Batcher};
+use crate::batcher::{BatchMetrics, BatchSettings, Batcher, JobError};
 use crate::config::strip_arch;
 use crate::metrics::Metrics;
 use crate::network::{load_network, Decoder, InputPipeline, LoadOverrides, ModelInput, Task};
@@ -28,10 +28,20 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
     };
     match kind {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(ordinal)
-            .with_context(|| format!("device {spec}: is this build made with --features cuda?")),
+        "cuda" if !cfg!(feature = "cuda") => {
+            bail!("device {spec}: this build has no CUDA support (build with --features cuda)")
+        }
+        "metal" if !cfg!(feature = "metal") => {
+            bail!("device {spec}: this build has no Metal support (build with --features metal)")
+        }
+        "cuda" => Device::new_cuda(ordinal).with_context(|| {
+            format!(
+                "device {spec}: no usable NVIDIA GPU (is the driver installed, and new enough \
+                 for the CUDA version this build was made with?)"
+            )
+        }),
         "metal" => Device::new_metal(ordinal)
-            .with_context(|| format!("device {spec}: is this build made with --features metal?")),
+            .with_context(|| format!("device {spec}: no usable Metal GPU")),
         _ => bail!("unknown device {spec:?}: use cpu, cuda:N or metal:N"),
     }
 }
@@ -50,6 +60,30 @@ pub fn device_label(device: &Device) -> String {
         Device::Cpu => "cpu".into(),
         Device::Cuda(_) => "cuda".into(),
         Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// An accelerator's memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub free: u64,
+    pub total: u64,
+}
+
+/// Free and total memory of a CUDA device (the driver's count, every
+/// process's allocations included); None for the CPU and for Metal, whose
+/// memory candle does not report.
+pub fn device_memory(device: &Device) -> Option<DeviceMemory> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some(DeviceMemory {
+                free: free as u64,
+                total: total as u64,
+            })
+        }
+        _ => None,
     }
 }
 
@@ -354,10 +388,29 @@ pub fn load_model(
     let (h, w) = loaded.pipeline.nominal_input_size();
     let runner = loaded.runner();
     // Warm-up: the first forward pass allocates and initialises; do it
-    // before the model is reported ready.
-    let warm_up = runner
-        .forward(&[ModelInput::zeros(h as usize, w as usize)])
-        .map_err(|e| anyhow!("model {:?}: warm-up failed: {e:#}", config.name))?;
+    // before the model is reported ready. On an accelerator it runs the
+    // largest batch the batcher forms, so a batch that cannot fit in the
+    // device's memory stops the start rather than failing requests later.
+    let warm_batch = if device.is_cpu() {
+        1
+    } else {
+        config.batching.max_batch_size
+    };
+    let inputs = vec![ModelInput::zeros(h as usize, w as usize); warm_batch];
+    let warm_up = runner.forward(&inputs).map_err(|e| {
+        let message = format!("{e:#}");
+        let hint = match JobError::from_failure(message.clone()) {
+            JobError::OutOfMemory(_) => {
+                " (the device's memory does not hold this batch: lower max_batch_size)"
+            }
+            _ => "",
+        };
+        anyhow!(
+            "model {:?}: warm-up with {warm_batch} image(s) of {h}x{w} on {} failed{hint}: {message}",
+            config.name,
+            device_label(device)
+        )
+    })?;
     let raw_output_len = warm_up.first().map_or(0, Vec::len);
 
     let name = config.name.as_str();
@@ -367,7 +420,12 @@ pub fn load_model(
         batch_size: metrics.batch_size.with_label_values(&[name]),
         queue_depth: metrics.queue_depth.with_label_values(&[name]),
         images: metrics.images_total.with_label_values(&[name]),
+        out_of_memory: metrics
+            .batch_failures
+            .with_label_values(&[name, "out_of_memory"]),
+        errors: metrics.batch_failures.with_label_values(&[name, "error"]),
     };
+    metrics.watch_device(device);
     let batcher = Batcher::spawn(name, config.batching.clone(), runner, batch_metrics);
     let device_name = device_label(device);
     metrics
@@ -497,7 +555,12 @@ mod tests {
         assert!(parse_device("cuda:x").is_err());
         // The default build has no CUDA: asking for it is a clear error.
         #[cfg(not(feature = "cuda"))]
-        assert!(parse_device("cuda:0").is_err());
+        {
+            let err = parse_device("cuda:0").unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+        #[cfg(not(feature = "metal"))]
+        assert!(parse_device("metal:0").is_err());
         assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
         assert!(parse_dtype("int8").is_err());
     }

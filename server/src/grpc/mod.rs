@@ -196,7 +196,13 @@ pub async fn serve(
 /// queue is full) tells a client to retry later.
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
-        Status::new(code_for(e.status), e.message)
+        // Out of device memory is a 503 over HTTP, but gRPC has a code for
+        // exhausted resources.
+        let code = match e.code {
+            "out_of_memory" => Code::ResourceExhausted,
+            _ => code_for(e.status),
+        };
+        Status::new(code, e.message)
     }
 }
 
@@ -270,6 +276,10 @@ mod tests {
             (
                 crate::batcher::JobError::Failed("boom".into()).into(),
                 Code::Internal,
+            ),
+            (
+                crate::batcher::JobError::OutOfMemory("CUDA_ERROR_OUT_OF_MEMORY".into()).into(),
+                Code::ResourceExhausted,
             ),
         ];
         for (error, code) in cases {

@@ -125,6 +125,16 @@ impl From<JobError> for ApiError {
             JobError::Failed(m) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", m)
             }
+            // Temporary: the batch did not fit beside what else the device
+            // held; a retry (or a smaller request) may succeed.
+            JobError::OutOfMemory(_) => ApiError {
+                retry_after_s: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "out_of_memory",
+                    e.to_string(),
+                )
+            },
         }
     }
 }
@@ -139,5 +149,23 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_batches_say_whose_fault_it_was() {
+        let oom: ApiError = JobError::OutOfMemory("CUDA_ERROR_OUT_OF_MEMORY".into()).into();
+        assert_eq!(
+            (oom.status, oom.code, oom.retry_after_s),
+            (StatusCode::SERVICE_UNAVAILABLE, "out_of_memory", Some(1))
+        );
+        let response = oom.into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let failed: ApiError = JobError::Failed("shape mismatch".into()).into();
+        assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }
