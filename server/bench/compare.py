@@ -13,9 +13,15 @@ photo) with seeded random weights (speed does not depend on the values), this sc
      HTTP throughput with a JPEG photo (`fovea bench --http`),
 and prints images/s with the ratios Fovea / PyTorch and Fovea / ONNX Runtime.
 
+On a GPU (`--device cuda:0`, with a `fovea` built with `--features cuda`) it compares
+Fovea with PyTorch eager on the same GPU in each of `--dtypes` (f32 with TF32 off in
+both, bf16, f16) at each of `--batches`; ONNX Runtime is left out there.
+
 Usage:
     python server/bench/compare.py --fovea target/release/fovea [--seconds 10] [--threads 2] [--http]
         [--models resnet50,efficientnet_b0,vit_b16,yolov8n,yolov8s,detr_resnet50]
+    python server/bench/compare.py --fovea FOVEA_CUDA --device cuda:0 --dtypes f32,bf16 \
+        --batches 1,8,32,64 --no-onnx --models resnet50,efficientnet_b0,vit_b16,yolov8s,detr_resnet50
 Needs: torch, torchvision, timm, ultralytics, onnxruntime, onnx, safetensors, pillow (see README).
 """
 
@@ -129,12 +135,23 @@ def timed(fn, seconds: float, min_runs: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_torch(model, batches, seconds, size):
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def bench_torch(model, batches, seconds, size, device="cpu", dtype="f32"):
     out = {}
+    model = model.to(device=device, dtype=TORCH_DTYPES[dtype])
+
+    def run(x):
+        model(x)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
         for b in batches:
-            x = torch.rand(b, 3, *size)
-            out[b] = b / timed(lambda: model(x), seconds)
+            x = torch.rand(b, 3, *size, device=device, dtype=TORCH_DTYPES[dtype])
+            out[b] = b / timed(lambda: run(x), seconds)
+    model.to(device="cpu", dtype=torch.float32)
     return out
 
 
@@ -155,10 +172,10 @@ def bench_ort(model, batches, seconds, threads, tmp, name, size):
     return out
 
 
-def bench_fovea(fovea, spec, batches, seconds, threads):
+def bench_fovea(fovea, spec, batches, seconds, threads, device="cpu", dtype="f32"):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     cmd = [fovea, "bench", "--model", spec, "--batch", ",".join(map(str, batches)), "--seconds", str(seconds),
-           "--json"]
+           "--device", device, "--dtype", dtype, "--json"]
     res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
     return {r["batch"]: r["images_per_s"] for r in res["results"]}
 
@@ -169,15 +186,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_http(fovea, spec, seconds, threads, tmp, route):
+def scrape_batches(port):
+    """The server's own counts: images and forward passes so far, device memory in use."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("fovea_batch_size_sum", "fovea_batch_size_count", "fovea_device_memory_used_bytes"):
+            if line.startswith(name + "{"):
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def bench_http(fovea, spec, seconds, threads, tmp, route, device="cpu", dtype="f32"):
     from PIL import Image
 
     jpeg = os.path.join(tmp, "coffee.jpg")
     Image.open(os.path.join(REPO, "tests", "images", "coffee.png")).convert("RGB").save(jpeg, quality=90)
     port = free_port()
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), FOVEA_HOME=os.path.join(tmp, "home"))
+    max_batch = "8" if device == "cpu" else "32"
     server = subprocess.Popen([fovea, "serve", "--http-addr", f"127.0.0.1:{port}", "--model", f"bench={spec}",
-                               "--max-batch-size", "8", "--max-queue-delay-ms", "5"], env=env,
+                               "--device", device, "--dtype", dtype,
+                               "--max-batch-size", max_batch, "--max-queue-delay-ms", "5"], env=env,
                               stderr=subprocess.DEVNULL)
     try:
         import urllib.request
@@ -189,11 +221,20 @@ def bench_http(fovea, spec, seconds, threads, tmp, route):
             except OSError:
                 time.sleep(0.1)
         rows = {}
-        for conc in (1, 4, 16):
+        for conc in (1, 4, 16) if device == "cpu" else (1, 16, 64):
+            before = scrape_batches(port)
             out = subprocess.run([fovea, "bench", "--http", f"http://127.0.0.1:{port}{route}", "--image", jpeg,
                                   "--concurrency", str(conc), "--seconds", str(seconds), "--json"],
                                  check=True, capture_output=True, text=True).stdout
             rows[conc] = json.loads(out)
+            after = scrape_batches(port)
+            # The batches the server formed under this load (its warm-up second included).
+            delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+            passes = delta.get("fovea_batch_size_count", 0.0)
+            rows[conc]["server"] = {
+                "mean_batch": delta.get("fovea_batch_size_sum", 0.0) / passes if passes else None,
+                "device_memory_used_bytes": after.get("fovea_device_memory_used_bytes"),
+            }
         return rows
     finally:
         server.terminate()
@@ -210,45 +251,64 @@ def main():
     ap.add_argument("--http", action="store_true",
                     help="also measure end-to-end HTTP throughput (ResNet-50 classify, YOLOv8n detect)")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda:N (Fovea built with --features cuda)")
+    ap.add_argument("--dtypes", default="f32", help="comma-separated: f32, f16, bf16")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    batches = [1, 8]
-    results = {"threads": args.threads, "torch": torch.__version__, "models": {}}
+    on_gpu = args.device != "cpu"
+    if on_gpu:
+        # Plain f32 on both sides: candle's f32 matmuls do not use TF32.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    batches = [int(b) for b in args.batches.split(",")]
+    dtypes = args.dtypes.split(",")
+    results = {"threads": args.threads, "torch": torch.__version__, "device": args.device, "models": {}}
+    if on_gpu:
+        results["gpu"] = torch.cuda.get_device_name(0)
     with tempfile.TemporaryDirectory(prefix="fovea_bench_") as tmp:
         for name in args.models.split(","):
             model, arch, size = build(name)
             spec = save_for_fovea(args.fovea, model, arch, name, tmp)
             model = prepare_torch(model, arch)
-            row = {"torch": bench_torch(model, batches, args.seconds, size)}
-            if not args.no_onnx:
-                try:
-                    row["onnxruntime"] = bench_ort(model, batches, args.seconds, args.threads, tmp, name, size)
-                except Exception as e:  # noqa: BLE001 - an export failure leaves that column empty
-                    print(f"{name}: no ONNX Runtime figure ({type(e).__name__}: {e})", file=sys.stderr)
-            row["fovea"] = bench_fovea(args.fovea, spec, batches, args.seconds, args.threads)
-            results["models"][name] = row
-            if args.http and name in ("resnet50", "yolov8n"):
+            for dtype in dtypes:
+                key = name if dtype == "f32" else f"{name} {dtype}"
+                row = {"torch": bench_torch(model, batches, args.seconds, size, args.device, dtype)}
+                if not args.no_onnx and not on_gpu and dtype == "f32":
+                    try:
+                        row["onnxruntime"] = bench_ort(model, batches, args.seconds, args.threads, tmp, name, size)
+                    except Exception as e:  # noqa: BLE001 - an export failure leaves that column empty
+                        print(f"{name}: no ONNX Runtime figure ({type(e).__name__}: {e})", file=sys.stderr)
+                row["fovea"] = bench_fovea(args.fovea, spec, batches, args.seconds, args.threads, args.device, dtype)
+                results["models"][key] = row
+                print(json.dumps({key: row}), flush=True)
+            if args.http and name in ("resnet50", "yolov8n", "yolov8s"):
                 route = "/v1/detect" if arch == "yolo" else "/v1/classify"
-                results[f"http_{name}"] = bench_http(args.fovea, spec, args.seconds, args.threads, tmp, route)
+                # On a GPU the server runs in the last dtype given (bf16 in gpu-check.sh).
+                results[f"http_{name}"] = bench_http(args.fovea, spec, args.seconds, args.threads, tmp, route,
+                                                     args.device, dtypes[-1] if on_gpu else "f32")
 
-    print(f"\nimages/s, float32, {args.threads} threads (higher is better); ratio = Fovea / other")
-    print(f"{'model':16s} {'batch':>5s} {'Fovea':>8s} {'PyTorch':>8s} {'ORT':>8s} {'/PyTorch':>9s} {'/ORT':>6s}")
+    where = results.get("gpu", f"{args.threads} threads")
+    print(f"\nimages/s, {where} (higher is better); ratio = Fovea / other")
+    print(f"{'model':22s} {'batch':>5s} {'Fovea':>8s} {'PyTorch':>8s} {'ORT':>8s} {'/PyTorch':>9s} {'/ORT':>6s}")
     for name, row in results["models"].items():
         for b in batches:
             f, t = row["fovea"][b], row["torch"][b]
             o = row.get("onnxruntime", {}).get(b)
             ort_s = f"{o:8.2f}" if o else f"{'-':>8s}"
             ratio_o = f"{f / o:6.2f}" if o else f"{'-':>6s}"
-            print(f"{name:16s} {b:5d} {f:8.2f} {t:8.2f} {ort_s} {f / t:9.2f} {ratio_o}")
-    for name in ("resnet50", "yolov8n"):
+            print(f"{name:22s} {b:5d} {f:8.2f} {t:8.2f} {ort_s} {f / t:9.2f} {ratio_o}")
+    for name in ("resnet50", "yolov8n", "yolov8s"):
         if f"http_{name}" not in results:
             continue
         route = "/v1/detect" if name.startswith("yolo") else "/v1/classify"
         print(f"\nend to end, {name}, 600x400 JPEG per request, POST {route}:")
         for conc, r in results[f"http_{name}"].items():
             lat = r["latency_ms"]
+            batch = r.get("server", {}).get("mean_batch")
+            formed = f", mean batch {batch:.1f}" if batch else ""
             print(f"  concurrency {conc}: {r['images_per_s']:.2f} img/s, p50 {lat['p50']:.0f} ms, "
-                  f"p99 {lat['p99']:.0f} ms ({r['requests_failed']} failed)")
+                  f"p99 {lat['p99']:.0f} ms ({r['requests_failed']} failed){formed}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

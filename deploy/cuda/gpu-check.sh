@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one script for a machine that has the
+# driver, CUDA 13 libraries and PyTorch but no Rust toolchain and no network.
+#
+#   deploy/cuda/gpu-check.sh [--bin DIR] [--out DIR] [--seconds S] STAGE...
+#
+# STAGE is any of:
+#   env          the GPU, the driver, and that every library the binaries need
+#                resolves (always run first);
+#   conformance  generates the full-size fixtures with the repository's
+#                generators (PyTorch, on the CPU) and runs the device
+#                conformance test on cuda:0 in f32, f16 and bf16: every family
+#                against its reference;
+#   bench        server/bench/compare.py on the GPU: Fovea and PyTorch eager,
+#                f32 and bf16, batch 1, 8, 32 and 64, for ResNet-50,
+#                EfficientNet-B0, ViT-B/16, YOLOv8s and DETR-R50; then the
+#                server under HTTP load (ResNet-50, YOLOv8s) with the batch
+#                sizes it formed, read from its own metrics;
+#   all          all three.
+#
+# --bin: the folder with `fovea` and `device_conformance`, as
+# `deploy/cuda/toolkit.sh --tests` leaves them in target/cuda/bin (each may be
+# .xz-compressed). --out: where the logs and JSON go (default $OUT, else
+# target/gpu-check). Python packages the machine lacks (ultralytics) are
+# installed from the wheels in .whl/ when that folder exists.
+set -uo pipefail
+
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+bin="$root/target/cuda/bin"
+out="${OUT:-$root/target/gpu-check}"
+seconds=2
+stages=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --bin) bin="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        --seconds) seconds="$2"; shift 2 ;;
+        -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        env|conformance|bench) stages+=("$1"); shift ;;
+        all) stages+=(conformance bench); shift ;;
+        *) echo "gpu-check.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$out"
+bin="$(cd "$bin" && pwd)"
+status=0
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$out/summary.txt"; }
+
+# --- env ------------------------------------------------------------------
+log "env"
+nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv | tee "$out/gpu.txt"
+for f in "$bin"/*.xz; do [[ -e $f ]] && xz -dkf "$f"; done
+chmod +x "$bin"/fovea "$bin"/device_conformance 2>/dev/null
+# The CUDA 13 libraries of PyTorch's wheels (cuBLAS, cuRAND, cuDNN, the runtime).
+nvidia="$(python3 -c 'import nvidia, sys; sys.stdout.write(list(nvidia.__path__)[0])' 2>/dev/null)"
+for lib in "$nvidia/cu13/lib" "$nvidia/cudnn/lib" /usr/local/cuda/lib64; do
+    [[ -d $lib ]] && LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export LD_LIBRARY_PATH
+if ldd "$bin/fovea" | grep -q "not found"; then
+    ldd "$bin/fovea" | grep "not found"
+    log "env: libraries missing"; exit 1
+fi
+ldd "$bin/fovea" | grep -E "libcuda|cublas|curand|cudnn|cudart" | tee -a "$out/gpu.txt"
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))' | tee -a "$out/gpu.txt"
+if [[ -d $root/.whl ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$root"/.whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# Ultralytics: no settings written to $HOME, nothing fetched.
+export YOLO_CONFIG_DIR=/tmp/ultralytics YOLO_OFFLINE=1 PYTHONUNBUFFERED=1
+
+# --- conformance ------------------------------------------------------------
+conformance() {
+    local fixtures=/tmp/fovea-full-fixtures gen="$root/model-core/tests/fixtures"
+    log "conformance: generating full-size fixtures"
+    for g in make_model_fixtures make_vit_fixtures make_detr_fixtures make_yolo_fixtures; do
+        local only=()
+        [[ $g == make_yolo_fixtures ]] && only=(--only yolov8n_random,yolov8s_random)
+        (cd "$gen" && python3 "$g.py" --full "$fixtures" "${only[@]}") >"$out/$g.log" 2>&1 \
+            || { log "conformance: $g failed (see $g.log)"; status=1; }
+    done
+    log "conformance: cuda:0, f32 f16 bf16"
+    FOVEA_TEST_DEVICE=cuda:0 FOVEA_FULL_FIXTURES="$fixtures" \
+        "$bin/device_conformance" --exact every_family_matches_on_the_test_device --nocapture \
+        >"$out/conformance.log" 2>&1
+    local rc=$?
+    grep -E "^(fixture|[a-z].* (F32|F16|BF16) )|test result|over|changed" "$out/conformance.log" | tail -80
+    log "conformance: exit $rc"
+    [[ $rc == 0 ]] || status=1
+}
+
+# --- bench ------------------------------------------------------------------
+bench() {
+    log "bench: Fovea and PyTorch eager on cuda:0"
+    python3 "$root/server/bench/compare.py" --fovea "$bin/fovea" --device cuda:0 --dtypes f32,bf16 \
+        --batches 1,8,32,64 --no-onnx --seconds "$seconds" --http \
+        --models resnet50,efficientnet_b0,vit_b16,yolov8s,detr_resnet50 \
+        --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
+    local rc=${PIPESTATUS[0]}
+    log "bench: exit $rc"
+    [[ $rc == 0 ]] || status=1
+}
+
+for stage in "${stages[@]}"; do
+    case "$stage" in
+        conformance) conformance ;;
+        bench) bench ;;
+    esac
+done
+log "done, status $status"
+exit $status
