@@ -13,7 +13,8 @@
 //! its first two classes is wider than the error measured. On the CPU the
 //! f16/bf16 runs, and the f32 run of `candle_ops_f32_matches` (which turns
 //! Fovea's CPU kernels off), take the candle code path that CUDA and Metal
-//! run.
+//! run. (`FOVEA_HOST_KERNELS=off` is for f32 on the CPU: candle's own CPU
+//! convolution has no bf16 matmul.)
 
 mod common;
 
@@ -154,16 +155,20 @@ impl Fixture {
         Ok(out)
     }
 
-    /// The bound for f16/bf16, relative to the output's scale. The tiny
-    /// YOLOv5's random weights amplify rounding about a hundredfold (its
-    /// f32 reference is 1.8e-5 from f64), so it is only checked for NaNs.
+    /// The bound for f16/bf16, relative to the output's scale. These are
+    /// random-weight models, which amplify rounding: PyTorch's own bf16 runs
+    /// of the tiny ResNet-50 and EfficientNet-B0 fixtures differ from its f32
+    /// run by 0.17-0.18 (f16: 0.03-0.12). Logits (classifiers, DETR's
+    /// classes) get those bounds with room; YOLO's boxes and scores measured
+    /// 10x closer. The tiny YOLOv5's random weights amplify rounding about a
+    /// hundredfold more (its f32 reference is 1.8e-5 from f64), so it is
+    /// only checked for NaNs.
     fn half_bound(&self, dtype: DType) -> Option<f32> {
         let bf16 = dtype == DType::BF16;
         match self.family {
             Family::Yolo if self.config["version"] == "v5" => None,
             Family::Yolo => Some(if bf16 { 0.1 } else { 2e-2 }),
-            Family::Detr => Some(if bf16 { 0.1 } else { 2e-2 }),
-            Family::Classifier => Some(if bf16 { 0.3 } else { 0.1 }),
+            Family::Classifier | Family::Detr => Some(if bf16 { 0.3 } else { 0.1 }),
         }
     }
 }
