@@ -2,7 +2,8 @@
 # The checks that need an NVIDIA GPU, in one script for a machine that has the
 # driver, CUDA 13 libraries and PyTorch but no Rust toolchain and no network.
 #
-#   deploy/cuda/gpu-check.sh [--bin DIR] [--out DIR] [--seconds S] STAGE...
+#   deploy/cuda/gpu-check.sh [--bin DIR] [--out DIR] [--seconds S] [--device D]
+#                            [--batches B,...] [--models M,...] STAGE...
 #
 # STAGE is any of:
 #   env          the GPU, the driver, and that every library the binaries need
@@ -18,23 +19,31 @@
 #                sizes it formed, read from its own metrics;
 #   all          all three.
 #
-# --bin: the folder with `fovea` and `device_conformance`, as
-# `deploy/cuda/toolkit.sh --tests` leaves them in target/cuda/bin (each may be
-# .xz-compressed). --out: where the logs and JSON go (default $OUT, else
-# target/gpu-check). Python packages the machine lacks (ultralytics) are
-# installed from the wheels in .whl/ when that folder exists.
+# --bin: the folder with `fovea` and `device_conformance` (each may be
+# .xz-compressed), by default target/cuda/gpu, where
+# `deploy/cuda/toolkit.sh --tests` leaves them compressed. --out: where the logs and JSON go (default $OUT, else
+# target/gpu-check). --device cpu (with the CPU build's binaries and small
+# --batches) rehearses the script on a machine without a GPU. Python packages
+# the machine lacks (ultralytics) are installed from the wheels in .whl/ when
+# that folder exists.
 set -uo pipefail
 
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-bin="$root/target/cuda/bin"
+bin="$root/target/cuda/gpu"
 out="${OUT:-$root/target/gpu-check}"
 seconds=2
+device=cuda:0
+batches=1,8,32,64
+models=resnet50,efficientnet_b0,vit_b16,yolov8s,detr_resnet50
 stages=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --bin) bin="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --seconds) seconds="$2"; shift 2 ;;
+        --device) device="$2"; shift 2 ;;
+        --batches) batches="$2"; shift 2 ;;
+        --models) models="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         env|conformance|bench) stages+=("$1"); shift ;;
         all) stages+=(conformance bench); shift ;;
@@ -48,7 +57,9 @@ log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$out/summary.txt"; }
 
 # --- env ------------------------------------------------------------------
 log "env"
-nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv | tee "$out/gpu.txt"
+if [[ $device == cuda* ]]; then
+    nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv | tee "$out/gpu.txt"
+fi
 for f in "$bin"/*.xz; do [[ -e $f ]] && xz -dkf "$f"; done
 chmod +x "$bin"/fovea "$bin"/device_conformance 2>/dev/null
 # The CUDA 13 libraries of PyTorch's wheels (cuBLAS, cuRAND, cuDNN, the runtime).
@@ -62,7 +73,8 @@ if ldd "$bin/fovea" | grep -q "not found"; then
     log "env: libraries missing"; exit 1
 fi
 ldd "$bin/fovea" | grep -E "libcuda|cublas|curand|cudnn|cudart" | tee -a "$out/gpu.txt"
-python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))' | tee -a "$out/gpu.txt"
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))' \
+    | tee -a "$out/gpu.txt"
 if [[ -d $root/.whl ]]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$root"/.whl/*.whl \
         && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -80,8 +92,8 @@ conformance() {
         (cd "$gen" && python3 "$g.py" --full "$fixtures" "${only[@]}") >"$out/$g.log" 2>&1 \
             || { log "conformance: $g failed (see $g.log)"; status=1; }
     done
-    log "conformance: cuda:0, f32 f16 bf16"
-    FOVEA_TEST_DEVICE=cuda:0 FOVEA_FULL_FIXTURES="$fixtures" \
+    log "conformance: $device, f32 f16 bf16"
+    FOVEA_TEST_DEVICE="$device" FOVEA_FULL_FIXTURES="$fixtures" \
         "$bin/device_conformance" --exact every_family_matches_on_the_test_device --nocapture \
         >"$out/conformance.log" 2>&1
     local rc=$?
@@ -92,10 +104,10 @@ conformance() {
 
 # --- bench ------------------------------------------------------------------
 bench() {
-    log "bench: Fovea and PyTorch eager on cuda:0"
-    python3 "$root/server/bench/compare.py" --fovea "$bin/fovea" --device cuda:0 --dtypes f32,bf16 \
-        --batches 1,8,32,64 --no-onnx --seconds "$seconds" --http \
-        --models resnet50,efficientnet_b0,vit_b16,yolov8s,detr_resnet50 \
+    log "bench: Fovea and PyTorch eager on $device"
+    python3 "$root/server/bench/compare.py" --fovea "$bin/fovea" --device "$device" --dtypes f32,bf16 \
+        --batches "$batches" --no-onnx --seconds "$seconds" --http \
+        --models "$models" \
         --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
     local rc=${PIPESTATUS[0]}
     log "bench: exit $rc"

@@ -17,8 +17,9 @@
 #    target directory (target/cuda), so the CPU build is left alone, and copies
 #    the binary to OUT_DIR (default target/cuda/bin). With --tests, also the
 #    device conformance test (model-core/tests/device_conformance.rs) as
-#    OUT_DIR/device_conformance, and both compressed (.xz) for carrying to a
-#    GPU machine, where deploy/cuda/gpu-check.sh runs them.
+#    OUT_DIR/device_conformance, and both xz-compressed into target/cuda/gpu
+#    (8 MB in all) for carrying to a GPU machine, where
+#    deploy/cuda/gpu-check.sh runs them.
 #
 # Environment: CUDA_COMPUTE_CAP (default 90: H100/H200, compiled for sm_90a),
 # PYTHON (default python3). CUDA 13.0 needs driver 580 or newer where it runs;
@@ -120,6 +121,8 @@ if [[ $tests == 1 ]]; then
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
     [[ -x $test_bin ]] || { echo "toolkit.sh: no device_conformance test binary" >&2; exit 1; }
     cp "$test_bin" "$out/device_conformance"
-    for f in fovea device_conformance; do xz -T0 -6 -kf "$out/$f"; done
-    ls -l "$out"
+    carry="$root/target/cuda/gpu"
+    mkdir -p "$carry"
+    for f in fovea device_conformance; do xz -T0 -6 -c "$out/$f" >"$carry/$f.xz"; done
+    ls -l "$carry"
 fi
