@@ -490,10 +490,12 @@ impl SharedMut {
 /// Depthwise convolution of `x` `[B, C, H, W]` with `taps` `[k, k, C]`
 /// (tap-major: the layout [`pack_depthwise`] makes), returning `[B, C, Ho, Wo]`.
 ///
-/// Each image is computed channels-last: transposed to `[H, W, C]`, every
-/// output pixel accumulated over its taps with the channels as the vector
-/// dimension, and transposed back. Planes of 7x7 or 14x14 pixels, and strided
-/// taps, then cost no more per value than large ones.
+/// Large planes are computed plane by plane ([`depthwise_planar`]). Smaller
+/// ones, usually with many channels, channels-last: each image transposed to
+/// `[H, W, C]`, every output pixel accumulated over its taps with the
+/// channels as the vector dimension, and transposed back. Planes of 7x7 or
+/// 14x14 pixels, and strided taps, then cost no more per value than large
+/// ones.
 pub fn depthwise(x: &[f32], g: &ConvGeometry, taps: &[f32], epilogue: &Epilogue) -> Vec<f32> {
     let c = g.in_channels;
     assert_eq!(g.out_channels, c);
@@ -501,11 +503,34 @@ pub fn depthwise(x: &[f32], g: &ConvGeometry, taps: &[f32], epilogue: &Epilogue)
     assert_eq!(taps.len(), c * g.kernel * g.kernel);
     assert_eq!(epilogue.bias.len(), c);
     let n = g.out_plane();
+    if let Some(r) = epilogue.residual {
+        assert_eq!(r.len(), g.batch * c * n);
+    }
+    if g.width >= PLANAR_MIN_WIDTH {
+        return depthwise_planar(x, g, taps, epilogue);
+    }
+    depthwise_channels_last(x, g, taps, epilogue)
+}
+
+/// Input width from which [`depthwise`] works plane by plane. Measured on
+/// EfficientNet-B0's layers, both ways in the same run: planes of 56 and 112
+/// ran 1.3-2x faster plane by plane (96 channels at 112x112, stride 2:
+/// 2.5-4.8 -> 5.6-8.4 GFLOP/s at batch 1), while at 28 and below, with
+/// hundreds of channels, channels-last was up to 4x faster at batch 8.
+/// EfficientNet-B0 as a whole: 8% faster at batch 1 and 8.
+const PLANAR_MIN_WIDTH: usize = 56;
+
+/// [`depthwise`] channels-last.
+fn depthwise_channels_last(
+    x: &[f32],
+    g: &ConvGeometry,
+    taps: &[f32],
+    epilogue: &Epilogue,
+) -> Vec<f32> {
+    let c = g.in_channels;
+    let n = g.out_plane();
     let per_image = c * n;
     let mut out = vec![0f32; g.batch * per_image];
-    if let Some(r) = epilogue.residual {
-        assert_eq!(r.len(), out.len());
-    }
     let image = |i: usize| &x[i * c * g.in_plane()..][..c * g.in_plane()];
     let scratch = || (vec![0f32; g.in_plane() * c], vec![0f32; n * c]);
     let threads = rayon::current_num_threads();
@@ -525,6 +550,38 @@ pub fn depthwise(x: &[f32], g: &ConvGeometry, taps: &[f32], epilogue: &Epilogue)
         let y = &mut out[i * per_image..][..per_image];
         depthwise_image(image(i), g, taps, epilogue, i, (&mut xt, &mut yt, y), true);
     }
+    out
+}
+
+/// Depthwise convolution one channel plane at a time, for large planes:
+/// each task copies its plane into a zero-padded window (one plane per
+/// stride phase, as [`dense_direct`]'s), where every tap is a fixed offset
+/// from the output pixel's position, and sums the taps over runs of 16
+/// output pixels held in registers. The input is read once and the output
+/// written once, with no transposes.
+fn depthwise_planar(x: &[f32], g: &ConvGeometry, taps: &[f32], epilogue: &Epilogue) -> Vec<f32> {
+    let (c, k, s, d) = (g.in_channels, g.kernel, g.stride, g.dilation);
+    let n = g.out_plane();
+    let reach = (k - 1) * d / s;
+    let (wp, hp) = (g.out_width + reach, g.out_height + reach);
+    let plane = wp * hp;
+    let offsets: Vec<usize> = (0..k * k)
+        .map(|t| {
+            let (dy, dx) = (t / k * d, t % k * d);
+            ((dy % s) * s + dx % s) * plane + dy / s * wp + dx / s
+        })
+        .collect();
+    let mut out = vec![0f32; g.batch * c * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(index, y)| {
+        let channel = index % c;
+        let src = &x[index * g.in_plane()..][..g.in_plane()];
+        let weights: Vec<f32> = (0..k * k).map(|t| taps[t * c + channel]).collect();
+        with_scratch(s * s * plane, |window| {
+            pad_window(std::iter::once(src), g, 0..hp, wp, plane, window);
+            simd::depthwise_plane(y, window, &offsets, &weights, g.out_width, wp);
+        });
+        epilogue.finish_at(y, index, 0, n, c);
+    });
     out
 }
 
@@ -732,6 +789,45 @@ mod simd {
     }
 
     avx2_dispatch! {
+        /// One output plane (`width` values per row) of a depthwise
+        /// convolution from its padded window (rows of `wp`): each value is
+        /// the sum over taps of `weights[t] * window[position + offsets[t]]`.
+        pub fn depthwise_plane(
+            out: &mut [f32],
+            window: &[f32],
+            offsets: &[usize],
+            weights: &[f32],
+            width: usize,
+            wp: usize,
+        ) {
+            const RUN: usize = 16;
+            for (oy, row) in out.chunks_exact_mut(width).enumerate() {
+                for x0 in (0..width).step_by(RUN) {
+                    let len = RUN.min(width - x0);
+                    let base = oy * wp + x0;
+                    let mut acc = [0f32; RUN];
+                    if len == RUN {
+                        for (&offset, &w) in offsets.iter().zip(weights) {
+                            let src = &window[base + offset..][..RUN];
+                            for (a, &v) in acc.iter_mut().zip(src) {
+                                *a += w * v;
+                            }
+                        }
+                    } else {
+                        for (&offset, &w) in offsets.iter().zip(weights) {
+                            let src = &window[base + offset..][..len];
+                            for (a, &v) in acc.iter_mut().zip(src) {
+                                *a += w * v;
+                            }
+                        }
+                    }
+                    row[x0..x0 + len].copy_from_slice(&acc[..len]);
+                }
+            }
+        }
+    }
+
+    avx2_dispatch! {
         /// Output row `oy` of a depthwise convolution, channels-last:
         /// `out [Wo, C] = act(bias + sum over taps of taps[tap] * xt[pixel])`.
         pub fn depthwise_row(
@@ -783,6 +879,76 @@ mod tests {
                     for j in 0..cols {
                         assert_eq!(dst[j * rows + i], src[i * cols + j], "{rows}x{cols}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Both depthwise paths against the sum written out in f64: strides,
+    /// dilation, uneven padding, a residual, widths on both sides of the
+    /// switch between them.
+    #[test]
+    fn depthwise_paths_match_the_direct_sum() {
+        // (channels, h, w, k, stride, dilation, pad_top, pad_left)
+        let cases = [
+            (3, 9, 60, 3, 1, 1, 1, 1),
+            (5, 13, 57, 3, 2, 1, 0, 1),
+            (4, 8, 56, 5, 2, 1, 2, 2),
+            (2, 11, 70, 3, 1, 2, 2, 2),
+            (6, 7, 20, 5, 1, 1, 2, 2),
+            (3, 10, 17, 3, 2, 1, 1, 0),
+        ];
+        for (c, h, w, k, s, d, pt, pl) in cases {
+            let span = (k - 1) * d + 1;
+            let (ho, wo) = ((h + 2 * pt - span) / s + 1, (w + 2 * pl - span) / s + 1);
+            let g = ConvGeometry {
+                batch: 2,
+                in_channels: c,
+                height: h,
+                width: w,
+                out_channels: c,
+                kernel: k,
+                stride: s,
+                dilation: d,
+                pad_top: pt,
+                pad_left: pl,
+                out_height: ho,
+                out_width: wo,
+            };
+            let value = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5;
+            let x: Vec<f32> = (0..2 * c * h * w).map(value).collect();
+            let weight: Vec<f32> = (0..c * k * k).map(|i| value(i + 5)).collect();
+            let bias: Vec<f32> = (0..c).map(|i| value(i + 11)).collect();
+            let residual: Vec<f32> = (0..2 * c * ho * wo).map(|i| value(i + 17)).collect();
+            let taps = pack_depthwise(&weight, c);
+            let epilogue = Epilogue {
+                bias: &bias,
+                residual: Some(&residual),
+                act: Activation::Relu,
+            };
+            let planar = depthwise_planar(&x, &g, &taps, &epilogue);
+            let channels_last = depthwise_channels_last(&x, &g, &taps, &epilogue);
+            for (index, ((p, q), r)) in planar.iter().zip(&channels_last).zip(&residual).enumerate()
+            {
+                let (plane, pos) = (index / (ho * wo), index % (ho * wo));
+                let (ch, oy, ox) = (plane % c, pos / wo, pos % wo);
+                let mut sum = bias[ch] as f64 + *r as f64;
+                for ki in 0..k {
+                    for kj in 0..k {
+                        let iy = (oy * s + ki * d) as isize - pt as isize;
+                        let ix = (ox * s + kj * d) as isize - pl as isize;
+                        if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                            let v = x[plane * h * w + iy as usize * w + ix as usize];
+                            sum += weight[ch * k * k + ki * k + kj] as f64 * v as f64;
+                        }
+                    }
+                }
+                let want = sum.max(0.0) as f32;
+                for (path, got) in [("planar", p), ("channels-last", q)] {
+                    assert!(
+                        (got - want).abs() <= 1e-5,
+                        "{path} {c}x{h}x{w} k{k} s{s} d{d} [{index}]: {got} vs {want}"
+                    );
                 }
             }
         }
