@@ -94,6 +94,7 @@ conformance() {
     done
     log "conformance: $device, f32 f16 bf16"
     FOVEA_TEST_DEVICE="$device" FOVEA_FULL_FIXTURES="$fixtures" \
+        FOVEA_SMALL_FIXTURES="$root/model-core/tests/fixtures/models" \
         "$bin/device_conformance" --exact every_family_matches_on_the_test_device --nocapture \
         >"$out/conformance.log" 2>&1
     local rc=$?

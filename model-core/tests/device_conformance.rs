@@ -6,6 +6,8 @@
 //! - `FOVEA_TEST_DTYPES`: a comma-separated list, default `f32,f16,bf16`.
 //! - `FOVEA_FULL_FIXTURES`: also every full-size fixture in that directory
 //!   (the generators' `--full DIR`).
+//! - `FOVEA_SMALL_FIXTURES`: where the committed fixtures are, for a test
+//!   binary run from another checkout (default: this crate's).
 //!
 //! f32 must match the reference within the fixture's tolerance (1e-4 of the
 //! output's scale). f16 and bf16 must stay within a bound per family and
@@ -206,7 +208,12 @@ fn top1_changes(want: &Tensor, got: &Tensor) -> Result<usize> {
 }
 
 fn fixture_dirs() -> Result<Vec<PathBuf>> {
-    let small = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    // A binary carried to another machine finds the committed fixtures
+    // through FOVEA_SMALL_FIXTURES: the path compiled in is this checkout's.
+    let small = match std::env::var_os("FOVEA_SMALL_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models"),
+    };
     let mut dirs = Vec::new();
     let full = std::env::var("FOVEA_FULL_FIXTURES").ok();
     for root in std::iter::once(small).chain(full.map(PathBuf::from)) {
