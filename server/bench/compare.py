@@ -180,6 +180,23 @@ def bench_fovea(fovea, spec, batches, seconds, threads, device="cpu", dtype="f32
     return {r["batch"]: r["images_per_s"] for r in res["results"]}
 
 
+def each_batch(what, run):
+    """`run` one batch size at a time; a size that fails (out of GPU memory, say) is
+    reported and left out."""
+    def runner(batches):
+        out = {}
+        for b in batches:
+            try:
+                out.update(run([b]))
+            except Exception as e:  # noqa: BLE001 - report and go on with the other sizes
+                detail = getattr(e, "stderr", None) or str(e)
+                print(f"{what} batch {b} failed: {type(e).__name__}: {str(detail)[-400:]}", file=sys.stderr)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return out
+    return runner
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -273,13 +290,20 @@ def main():
             model = prepare_torch(model, arch)
             for dtype in dtypes:
                 key = name if dtype == "f32" else f"{name} {dtype}"
-                row = {"torch": bench_torch(model, batches, args.seconds, size, args.device, dtype)}
+                torch_run = lambda bs: bench_torch(model, bs, args.seconds, size, args.device, dtype)  # noqa: E731
+                fovea_run = lambda bs: bench_fovea(args.fovea, spec, bs, args.seconds, args.threads,  # noqa: E731
+                                                   args.device, dtype)
+                if on_gpu:
+                    # One batch size at a time: one that does not fit leaves the others.
+                    torch_run = each_batch(f"{key} PyTorch", torch_run)
+                    fovea_run = each_batch(f"{key} Fovea", fovea_run)
+                row = {"torch": torch_run(batches)}
                 if not args.no_onnx and not on_gpu and dtype == "f32":
                     try:
                         row["onnxruntime"] = bench_ort(model, batches, args.seconds, args.threads, tmp, name, size)
                     except Exception as e:  # noqa: BLE001 - an export failure leaves that column empty
                         print(f"{name}: no ONNX Runtime figure ({type(e).__name__}: {e})", file=sys.stderr)
-                row["fovea"] = bench_fovea(args.fovea, spec, batches, args.seconds, args.threads, args.device, dtype)
+                row["fovea"] = fovea_run(batches)
                 results["models"][key] = row
                 print(json.dumps({key: row}), flush=True)
             if args.http and name in ("resnet50", "yolov8n", "yolov8s"):
@@ -293,11 +317,11 @@ def main():
     print(f"{'model':22s} {'batch':>5s} {'Fovea':>8s} {'PyTorch':>8s} {'ORT':>8s} {'/PyTorch':>9s} {'/ORT':>6s}")
     for name, row in results["models"].items():
         for b in batches:
-            f, t = row["fovea"][b], row["torch"][b]
+            f, t = row["fovea"].get(b), row["torch"].get(b)
             o = row.get("onnxruntime", {}).get(b)
-            ort_s = f"{o:8.2f}" if o else f"{'-':>8s}"
-            ratio_o = f"{f / o:6.2f}" if o else f"{'-':>6s}"
-            print(f"{name:22s} {b:5d} {f:8.2f} {t:8.2f} {ort_s} {f / t:9.2f} {ratio_o}")
+            cell = lambda v, w: f"{v:{w}.2f}" if v else f"{'-':>{w}s}"  # noqa: E731
+            print(f"{name:22s} {b:5d} {cell(f, 8)} {cell(t, 8)} {cell(o, 8)} "
+                  f"{cell(f and t and f / t, 9)} {cell(f and o and f / o, 6)}")
     for name in ("resnet50", "yolov8n", "yolov8s"):
         if f"http_{name}" not in results:
             continue
