@@ -181,9 +181,13 @@ def bench_fovea(fovea, spec, batches, seconds, threads, device="cpu", dtype="f32
 
 
 def each_batch(what, run):
-    """`run` one batch size at a time; a size that fails (out of GPU memory, say) is
-    reported and left out."""
+    """`run` all batch sizes at once (one process, one model load) and, if that fails,
+    one at a time: a size that fails (out of GPU memory, say) is reported and left out."""
     def runner(batches):
+        try:
+            return run(batches)
+        except Exception as e:  # noqa: BLE001 - retried size by size below
+            print(f"{what}: {type(e).__name__}; trying each batch size alone", file=sys.stderr)
         out = {}
         for b in batches:
             try:
