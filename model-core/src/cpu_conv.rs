@@ -216,11 +216,11 @@ pub fn dense(
     out
 }
 
-/// Whether `dense_direct` computes this convolution rather than im2col and
-/// the gemm: any with more than one tap, and any over several parts. (A 1x1
-/// convolution over one part reads it in place, or a strided subsample of
-/// it, through the gemm's own packing, which measured faster for ResNet-50's
-/// wide 1x1 layers.)
+/// Whether `dense_direct` computes this convolution of one part rather than
+/// the gemm path: any with more than one tap (several parts always go
+/// there). A 1x1 convolution over one part reads it in place, or a strided
+/// subsample of it, through the gemm's own packing, which measured faster
+/// for ResNet-50's wide 1x1 layers.
 fn runs_direct(g: &ConvGeometry) -> bool {
     g.kernel > 1
 }
@@ -291,12 +291,7 @@ fn dense_direct(
     let taps = k * k;
     let block = (DIRECT_BLOCK_DEPTH / taps).max(32).min(c);
     let offsets: Vec<usize> = (0..block * taps)
-        .map(|r| {
-            let (ch, tap) = (r / taps, r % taps);
-            let (dy, dx) = (tap / k * g.dilation, tap % k * g.dilation);
-            let phase = dy % s * s + dx % s;
-            (ch * phases + phase) * plane + dy / s * wp + dx / s
-        })
+        .map(|r| (r / taps * phases) * plane + tap_offset(r % taps, g, plane, wp))
         .collect();
     let window_len = c * phases * plane;
 
@@ -371,6 +366,15 @@ fn dense_direct(
     // SAFETY: the bands cover every output value.
     unsafe { out.set_len(g.batch * o * n) };
     out
+}
+
+/// Where tap `tap` (row-major in the k x k kernel) reads in one channel's
+/// [`pad_window`], from the output pixel's position: in the plane of its
+/// stride phase, `dy / s` rows and `dx / s` columns on.
+fn tap_offset(tap: usize, g: &ConvGeometry, plane: usize, wp: usize) -> usize {
+    let (k, s) = (g.kernel, g.stride);
+    let (dy, dx) = (tap / k * g.dilation, tap % k * g.dilation);
+    (dy % s * s + dx % s) * plane + dy / s * wp + dx / s
 }
 
 /// Copies what output rows `rows` read of every channel plane of one image
@@ -565,12 +569,7 @@ fn depthwise_planar(x: &[f32], g: &ConvGeometry, taps: &[f32], epilogue: &Epilog
     let reach = (k - 1) * d / s;
     let (wp, hp) = (g.out_width + reach, g.out_height + reach);
     let plane = wp * hp;
-    let offsets: Vec<usize> = (0..k * k)
-        .map(|t| {
-            let (dy, dx) = (t / k * d, t % k * d);
-            ((dy % s) * s + dx % s) * plane + dy / s * wp + dx / s
-        })
-        .collect();
+    let offsets: Vec<usize> = (0..k * k).map(|t| tap_offset(t, g, plane, wp)).collect();
     let mut out = vec![0f32; g.batch * c * n];
     out.par_chunks_mut(n).enumerate().for_each(|(index, y)| {
         let channel = index % c;

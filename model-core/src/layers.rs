@@ -300,9 +300,11 @@ impl Conv2d {
         } else if k == 1 && spec.groups == 1 && spec.dilation == 1 && unpadded {
             ConvKernel::Pointwise(placement.place(&weight.reshape((o, c))?)?)
         } else if spec.is_depthwise() {
+            // In the dtype the taps are summed in (see `depthwise_image`).
+            let sums = Placement::new(&placement.device, accumulation_dtype(placement.dtype));
             let taps = weight.reshape((o, k * k))?.t()?.contiguous()?;
             let taps = (0..k * k)
-                .map(|i| placement.place(&taps.get(i)?.reshape((1, o, 1, 1))?))
+                .map(|i| sums.place(&taps.get(i)?.reshape((1, o, 1, 1))?))
                 .collect::<Result<Vec<_>>>()?;
             ConvKernel::Depthwise(taps)
         } else if spec.groups == 1 && placement.device.is_cpu() && host_kernels_enabled() {
@@ -659,8 +661,14 @@ fn depthwise(x: &Tensor, taps: &[Tensor], spec: &ConvSpec) -> Result<Tensor> {
 }
 
 /// The sum over the `k*k` taps of the input shifted by the tap's offset,
-/// scaled by the tap's per-channel weight.
+/// scaled by the tap's per-channel weight (`taps`, placed in the dtype of
+/// the sums).
 fn depthwise_image(x: &Tensor, taps: &[Tensor], spec: &ConvSpec) -> Result<Tensor> {
+    // f16/bf16 sum the taps in f32, as PyTorch's kernels do. Summed in
+    // bf16 (with the pooling below), the tiny EfficientNet fixtures were
+    // 6-12x further from the f32 reference than PyTorch's own bf16 run.
+    let dtype = x.dtype();
+    let x = x.to_dtype(accumulation_dtype(dtype))?;
     let (_, _, h, w) = x.dims4()?;
     let (k, stride, dilation) = (spec.kernel, spec.stride, spec.dilation);
     let span = (k - 1) * dilation + 1;
@@ -668,18 +676,12 @@ fn depthwise_image(x: &Tensor, taps: &[Tensor], spec: &ConvSpec) -> Result<Tenso
     let wo = (w - span) / stride + 1;
     // With a stride, every tap reads one of stride*stride interleaved grids:
     // split them out once so that each tap is a plain shifted view.
-    let phases = Phases::split(x, stride, ho, wo, span)?;
-    // f16/bf16 sum the taps in f32, as PyTorch's kernels do. Summed in
-    // bf16 (with the pooling below), the tiny EfficientNet fixtures were
-    // 6-12x further from the f32 reference than PyTorch's own bf16 run.
-    let sum_dtype = accumulation_dtype(x.dtype());
+    let phases = Phases::split(&x, stride, ho, wo, span)?;
     let mut acc: Option<Tensor> = None;
     for i in 0..k {
         for j in 0..k {
             let view = phases.view(i * dilation, j * dilation, ho, wo)?;
-            let term = view
-                .to_dtype(sum_dtype)?
-                .broadcast_mul(&taps[i * k + j].to_dtype(sum_dtype)?)?;
+            let term = view.broadcast_mul(&taps[i * k + j])?;
             acc = Some(match acc {
                 None => term,
                 Some(a) => (a + term)?,
@@ -687,7 +689,7 @@ fn depthwise_image(x: &Tensor, taps: &[Tensor], spec: &ConvSpec) -> Result<Tenso
         }
     }
     acc.ok_or_else(|| candle_core::Error::Msg("depthwise convolution without taps".into()))?
-        .to_dtype(x.dtype())
+        .to_dtype(dtype)
 }
 
 /// The dtype sums are accumulated in: f32 for the half-precision types.
