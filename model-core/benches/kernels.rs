@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Module, Tensor};
 use fovea_model_core::layers::{Activation, Conv2d, ConvSpec, Placement};
 use fovea_model_core::sgemm::{self, Lhs, PackedLhs, PackedRhs, Rhs};
+use fovea_model_core::{cpu_conv, winograd};
 
 /// (name, batch, in, out, kernel, stride, groups, size, activation)
 // The allocator `fovea` runs with.
@@ -149,6 +150,77 @@ const GEMMS: &[(&str, usize, usize, usize, bool)] = &[
     ("gemm r50 1x1 1024>256", 256, 784, 1024, true),
     ("gemm yolo 3x3 32 tile", 32, 512, 288, true),
 ];
+
+/// (name, batch, in, out, size) of 3x3 stride-1 layers: Winograd F(4x4,
+/// 3x3) beside the direct kernel on the same input (GFLOP/s counted as the
+/// direct convolution's multiply-adds).
+const WINOGRAD: &[(&str, usize, usize, usize, usize)] = &[
+    ("wino yolo 64 80px b1", 1, 64, 64, 80),
+    ("wino yolo 128 40px b1", 1, 128, 128, 40),
+    ("wino yolo 256 20px b1", 1, 256, 256, 20),
+    ("wino yolo 256 20px b8", 8, 256, 256, 20),
+    ("wino r50 64 56px b1", 1, 64, 64, 56),
+    ("wino r50 128 28px b1", 1, 128, 128, 28),
+    ("wino r50 256 14px b1", 1, 256, 256, 14),
+    ("wino r50 256 14px b8", 8, 256, 256, 14),
+    ("wino r50 512 7px b1", 1, 512, 512, 7),
+    ("wino r50 512 7px b8", 8, 512, 512, 7),
+];
+
+fn winograd_cases(filter: Option<&String>) {
+    for &(name, b, c, o, size) in WINOGRAD {
+        if filter.is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        let values = |len: usize, seed: usize| {
+            (0..len)
+                .map(|i| ((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5)
+                .collect::<Vec<_>>()
+        };
+        let (x, w, bias) = (
+            values(b * c * size * size, 0),
+            values(o * c * 9, 1),
+            values(o, 2),
+        );
+        let g = cpu_conv::ConvGeometry {
+            batch: b,
+            in_channels: c,
+            height: size,
+            width: size,
+            out_channels: o,
+            kernel: 3,
+            stride: 1,
+            dilation: 1,
+            pad_top: 1,
+            pad_left: 1,
+            out_height: size,
+            out_width: size,
+        };
+        let epilogue = cpu_conv::Epilogue {
+            bias: &bias,
+            residual: None,
+            act: Activation::Silu,
+        };
+        let packed = PackedLhs::new(&w, o, c * 9);
+        let transformed = winograd::WinogradWeights::new(&w, o, c);
+        let ours = time(&|| {
+            winograd::conv(&[&x], &g, &transformed, &epilogue);
+        });
+        let direct = time(&|| {
+            cpu_conv::dense(&[&x], &g, &packed, &epilogue);
+        });
+        let flops = 2.0 * (b * o * size * size * c * 9) as f64;
+        let gf = |t: Duration| flops / t.as_secs_f64() / 1e9;
+        let ms = |t: Duration| t.as_secs_f64() * 1e3;
+        println!(
+            "{name:24} {:10.2} {:10.1} {:10.2} {:10.1}",
+            ms(ours),
+            gf(ours),
+            ms(direct),
+            gf(direct)
+        );
+    }
+}
 
 fn gemm_cases(filter: Option<&String>) {
     let threads = rayon::current_num_threads();
@@ -295,5 +367,10 @@ fn main() -> candle_core::Result<()> {
         "matmul", "Fovea ms", "GFLOP/s", "gemm ms", "GFLOP/s"
     );
     gemm_cases(filter.as_ref());
+    println!(
+        "\n{:24} {:>10} {:>10} {:>10} {:>10}",
+        "3x3/1", "Winograd", "GFLOP/s", "direct ms", "GFLOP/s"
+    );
+    winograd_cases(filter.as_ref());
     Ok(())
 }

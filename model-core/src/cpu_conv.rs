@@ -84,7 +84,7 @@ pub struct Epilogue<'a> {
 impl Epilogue<'_> {
     /// Finishes the part of output row `index` (image * channels + channel,
     /// `row_len` values) that starts at column `start`.
-    fn finish_at(
+    pub(crate) fn finish_at(
         &self,
         part: &mut [f32],
         index: usize,
@@ -457,7 +457,7 @@ thread_local! {
 /// are left over from earlier use: `f` must write before it reads. The
 /// buffer grows to the largest band's window and sums, or the largest 1x1
 /// tile's subsampled input (a few MiB for ResNet-50 and DETR).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {

@@ -14,6 +14,7 @@ use crate::cpu_conv::{self, ConvGeometry, Epilogue};
 use crate::cpu_transformer;
 use crate::sgemm::{PackedLhs, PackedRhs};
 use crate::weight_map::WeightMap;
+use crate::winograd::{self, WinogradWeights};
 
 /// Where and in what precision a model's weights live.
 #[derive(Debug, Clone)]
@@ -42,6 +43,19 @@ impl Placement {
     pub fn is_host_f32(&self) -> bool {
         self.device.is_cpu() && self.dtype == DType::F32 && host_kernels_enabled()
     }
+}
+
+/// Whether 3x3 stride-1 convolutions on the host run by Winograd's
+/// F(4x4, 3x3) where it pays (the default); `FOVEA_WINOGRAD=off` keeps them
+/// on the direct kernel, to compare the two.
+pub fn winograd_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        !matches!(
+            std::env::var("FOVEA_WINOGRAD").as_deref(),
+            Ok("off" | "0" | "false")
+        )
+    })
 }
 
 /// Whether Fovea's own CPU kernels run (the default). With
@@ -169,8 +183,10 @@ impl ConvSpec {
 #[derive(Debug, Clone)]
 enum ConvKernel {
     /// f32 on the CPU, one group: Fovea's own kernel ([`cpu_conv::dense`]),
-    /// weights `[O, C * k * k]` packed for the gemm, bias `[O]`.
-    CpuDense(PackedLhs, Arc<[f32]>),
+    /// weights `[O, C * k * k]` packed for the gemm, bias `[O]`; for a 3x3
+    /// at stride 1 also the Winograd form ([`winograd::conv`]), run where
+    /// the input has enough tiles ([`winograd::pays`]).
+    CpuDense(PackedLhs, Arc<[f32]>, Option<Arc<WinogradWeights>>),
     /// f32 on the CPU, depthwise ([`cpu_conv::depthwise`]): taps
     /// `[k, k, C]` ([`cpu_conv::pack_depthwise`]), bias `[C]`.
     CpuDepthwise(Arc<[f32]>, Arc<[f32]>),
@@ -292,8 +308,10 @@ impl Conv2d {
         let unpadded = matches!(spec.padding, Padding::Symmetric(0) | Padding::TfSame);
         let cpu_f32 = placement.is_host_f32();
         let kernel = if cpu_f32 && spec.groups == 1 {
-            let packed = PackedLhs::new(&host_vec(weight)?, o, c * k * k);
-            ConvKernel::CpuDense(packed, host_vec(bias)?)
+            let w = host_vec(weight)?;
+            let winograd = (k == 3 && spec.stride == 1 && spec.dilation == 1 && winograd_enabled())
+                .then(|| Arc::new(WinogradWeights::new(&w, o, c)));
+            ConvKernel::CpuDense(PackedLhs::new(&w, o, c * k * k), host_vec(bias)?, winograd)
         } else if cpu_f32 && spec.is_depthwise() {
             let packed = cpu_conv::pack_depthwise(&host_vec(weight)?, o);
             ConvKernel::CpuDepthwise(packed.into(), host_vec(bias)?)
@@ -469,7 +487,10 @@ impl Conv2d {
             act: self.act,
         };
         match (&self.kernel, x) {
-            (ConvKernel::CpuDense(w, b), _) => cpu_conv::dense(x, g, w, &epilogue(b)),
+            (ConvKernel::CpuDense(_, b, Some(w)), _) if winograd::pays(g) => {
+                winograd::conv(x, g, w, &epilogue(b))
+            }
+            (ConvKernel::CpuDense(w, b, _), _) => cpu_conv::dense(x, g, w, &epilogue(b)),
             (ConvKernel::CpuDepthwise(w, b), [x]) => cpu_conv::depthwise(x, g, w, &epilogue(b)),
             _ => unreachable!("host_kernel runs the host kernels, a depthwise one on one part"),
         }

@@ -24,4 +24,5 @@ pub mod topk;
 pub mod vit;
 pub mod vmath;
 pub mod weight_map;
+pub mod winograd;
 pub mod yolo;

@@ -1,0 +1,610 @@
+//! 3x3 stride-1 convolutions on the CPU in f32 by Winograd's minimal
+//! filtering F(4x4, 3x3) (Lavin and Gray, 2015): each 4x4 block of outputs
+//! comes from a 6x6 block of input with 36 multiplications per (input,
+//! output) channel pair instead of 144.
+//!
+//! - At load time every 3x3 filter `g` becomes `U = G g G^T` (6x6, computed
+//!   in f64), and the 36 matrices `U[xi]` `[O, C]` are packed for the gemm.
+//! - Per band of tile rows: each 6x6 input block `d` becomes `V = B^T d B`,
+//!   laid out as 36 matrices `[C, tiles]`; 36 gemms `M[xi] = U[xi] V[xi]`
+//!   ([`PackedLhs::tile_from_rows`], reading V in place); each output block
+//!   is `A^T M A`, written with the bias, residual and activation.
+//! - Both transforms run on whole rows of tiles, vectorised across the
+//!   tiles: the input rows are split by column phase (`x % 4`), so that
+//!   every tap of every tile in a row is one contiguous run.
+//!
+//! Accuracy: the transforms' coefficients (up to 8 and down to 1/24) cost a
+//! few bits over the direct sum; see the tests and the conformance figures.
+
+use rayon::prelude::*;
+
+use crate::cpu_conv::{with_scratch, ConvGeometry, Epilogue, SharedMut};
+use crate::sgemm::{self, PackedLhs};
+use crate::vmath::avx2_dispatch;
+
+/// Outputs per tile side.
+const TILE: usize = 4;
+/// Inputs per tile side: `TILE + 3 - 1`.
+const ALPHA: usize = 6;
+/// Products per tile: one gemm each.
+const POINTS: usize = ALPHA * ALPHA;
+
+/// `G` (6x3): the filter transform.
+const G: [[f64; 3]; ALPHA] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// A convolution's filters transformed for [`conv`]: `U[xi]` `[O, C]`,
+/// packed. Four times the size of the 3x3 filters.
+#[derive(Debug)]
+pub struct WinogradWeights {
+    u: Vec<PackedLhs>,
+    out_channels: usize,
+    in_channels: usize,
+}
+
+impl WinogradWeights {
+    /// From `[O, C, 3, 3]` filters (a batch norm already folded in).
+    pub fn new(weight: &[f32], out_channels: usize, in_channels: usize) -> Self {
+        let (o, c) = (out_channels, in_channels);
+        assert_eq!(weight.len(), o * c * 9, "weights are not [{o}, {c}, 3, 3]");
+        let mut u = vec![vec![0f32; o * c]; POINTS];
+        for (pair, g) in weight.chunks_exact(9).enumerate() {
+            // G g, then (G g) G^T.
+            let mut gg = [[0f64; 3]; ALPHA];
+            for (row, gi) in gg.iter_mut().zip(&G) {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = (0..3).map(|k| gi[k] * g[k * 3 + j] as f64).sum();
+                }
+            }
+            for (i, row) in gg.iter().enumerate() {
+                for (j, gj) in G.iter().enumerate() {
+                    u[i * ALPHA + j][pair] = (0..3).map(|k| row[k] * gj[k]).sum::<f64>() as f32;
+                }
+            }
+        }
+        Self {
+            u: u.iter().map(|m| PackedLhs::new(m, o, c)).collect(),
+            out_channels: o,
+            in_channels: c,
+        }
+    }
+}
+
+/// Whether [`conv`] is expected to beat the direct kernel on this input:
+/// enough tiles that each pass over the transformed weights (four times the
+/// filters' size) is shared by several register tiles. Below that, for
+/// example 7x7 maps at batch 1, streaming `U` costs more than the
+/// multiplications it saves.
+pub fn pays(g: &ConvGeometry) -> bool {
+    let tiles = g.batch * g.out_height.div_ceil(TILE) * g.out_width.div_ceil(TILE);
+    tiles >= MIN_TILES
+}
+
+/// The fewest tiles (over the batch) for which [`pays`] says yes.
+const MIN_TILES: usize = 16;
+
+/// Floats of transformed input per task (512 KiB, a core's L2).
+const TASK_FLOATS: usize = 128 * 1024;
+
+/// Rows of V (input channels) per depth block of the gemm: 256 rows of 16
+/// values (16 KiB) stay in L1 while the weight panels pass over them.
+const BLOCK_DEPTH: usize = 256;
+
+/// Weight values per group of panels run over one column block (128 KiB).
+const GROUP_FLOATS: usize = 32 * 1024;
+
+/// `x` `[B, C, H, W]` (the channel concatenation of `parts`) convolved with
+/// 3x3 filters at stride 1, returning `[B, O, Ho, Wo]` with the epilogue
+/// applied.
+pub fn conv(
+    parts: &[&[f32]],
+    g: &ConvGeometry,
+    w: &WinogradWeights,
+    epilogue: &Epilogue,
+) -> Vec<f32> {
+    assert!(
+        g.kernel == 3 && g.stride == 1 && g.dilation == 1,
+        "Winograd F(4x4, 3x3) takes 3x3 stride-1 convolutions"
+    );
+    let (c, o) = (g.in_channels, g.out_channels);
+    assert_eq!((w.in_channels, w.out_channels), (c, o), "weight shape");
+    let in_plane = g.height * g.width;
+    assert_eq!(
+        parts.iter().map(|p| p.len()).sum::<usize>(),
+        g.batch * c * in_plane,
+        "the parts are not [{}, {c}, {}, {}] in all",
+        g.batch,
+        g.height,
+        g.width
+    );
+    assert_eq!(epilogue.bias.len(), o);
+    let n = g.out_height * g.out_width;
+    if let Some(r) = epilogue.residual {
+        assert_eq!(r.len(), g.batch * o * n);
+    }
+    if g.batch * n == 0 {
+        return Vec::new();
+    }
+    let plan = Plan::new(g, rayon::current_num_threads());
+    let mut out = Vec::<f32>::with_capacity(g.batch * o * n);
+    let dst = SharedMut(out.as_mut_ptr());
+    (0..plan.tile_tasks * plan.channel_tasks)
+        .into_par_iter()
+        .for_each(|task| {
+            let tiles = plan.tiles(task / plan.channel_tasks);
+            let first = task % plan.channel_tasks * plan.channels_per_task;
+            let outs = first..(first + plan.channels_per_task).min(o);
+            // SAFETY: this task writes the output of its tiles in its
+            // output channels, which no other task writes.
+            unsafe { plan.run(parts, g, w, epilogue, tiles, outs, dst) };
+        });
+    // SAFETY: the tasks cover every output value.
+    unsafe { out.set_len(g.batch * o * n) };
+    out
+}
+
+/// How [`conv`] splits its work: runs of tiles (numbered row by row, image
+/// after image) in whole register tiles of [`sgemm::NR`], as even as they
+/// can be; and, when those are too few for the threads, ranges of output
+/// channels (each then transforms its tiles' input again, and reads only
+/// its part of the weights).
+struct Plan {
+    tiles_x: usize,
+    tiles_y: usize,
+    /// Tiles over the batch.
+    total: usize,
+    tile_tasks: usize,
+    channels_per_task: usize,
+    channel_tasks: usize,
+}
+
+impl Plan {
+    fn new(g: &ConvGeometry, threads: usize) -> Self {
+        const NR: usize = sgemm::NR;
+        let tiles_x = g.out_width.div_ceil(TILE);
+        let tiles_y = g.out_height.div_ceil(TILE);
+        let tiles = g.batch * tiles_x * tiles_y;
+        let units = tiles.div_ceil(NR);
+        let per_task = (TASK_FLOATS / (POINTS * g.in_channels * NR)).max(1);
+        let tile_tasks = units.div_ceil(per_task).max((2 * threads).min(units));
+        let panels = g.out_channels.div_ceil(sgemm::MR);
+        let splits = (2 * threads).div_ceil(tile_tasks).min(panels / 2).max(1);
+        let channels_per_task = panels.div_ceil(splits) * sgemm::MR;
+        Self {
+            tiles_x,
+            tiles_y,
+            total: tiles,
+            tile_tasks,
+            channels_per_task,
+            channel_tasks: g.out_channels.div_ceil(channels_per_task),
+        }
+    }
+
+    /// The tiles of task `index`: its share of the register tiles.
+    fn tiles(&self, index: usize) -> std::ops::Range<usize> {
+        let units = self.total.div_ceil(sgemm::NR);
+        let edge = |i: usize| (i * units / self.tile_tasks * sgemm::NR).min(self.total);
+        edge(index)..edge(index + 1)
+    }
+
+    /// Tiles `tiles` in output channels `outs` (starting on a panel).
+    ///
+    /// # Safety
+    /// `dst` holds the `[B, O, Ho, Wo]` output; no other task writes these
+    /// tiles of these channels.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        &self,
+        parts: &[&[f32]],
+        g: &ConvGeometry,
+        w: &WinogradWeights,
+        epilogue: &Epilogue,
+        tiles: std::ops::Range<usize>,
+        outs: std::ops::Range<usize>,
+        dst: SharedMut,
+    ) {
+        let (c, tx) = (g.in_channels, self.tiles_x);
+        let o = outs.len();
+        let tp = tiles.len().next_multiple_of(sgemm::NR);
+        // One tile row's input split by column phase: six rows of four
+        // phases of `tx + 1` values (a tile reads one value of the next).
+        let line = TILE * (tx + 1);
+        let stage = ALPHA * line;
+        let (vs, ms) = (skewed(c * tp), skewed(o * tp));
+        let (v_len, m_len) = (POINTS * vs, POINTS * ms);
+        let padded = line.max(g.width + g.pad_left);
+        // The tile rows the task touches: (image, tile row, its tiles, the
+        // column of the first in V and M).
+        let rows = (tiles.start / tx..tiles.end.div_ceil(tx)).map(|row| {
+            let span =
+                tiles.start.max(row * tx) - row * tx..tiles.end.min(row * tx + tx) - row * tx;
+            let column = row * tx + span.start - tiles.start;
+            (row / self.tiles_y, row % self.tiles_y, span, column)
+        });
+        with_scratch(v_len + m_len + 2 * stage + padded, |scratch| {
+            let (v, rest) = scratch.split_at_mut(v_len);
+            let (m, rest) = rest.split_at_mut(m_len);
+            let (phases, rest) = rest.split_at_mut(stage);
+            let (columns, padded) = rest.split_at_mut(stage);
+            // The gemm reads whole register tiles: zero the spare columns.
+            for point in v.chunks_exact_mut(vs) {
+                for row in point[..c * tp].chunks_exact_mut(tp) {
+                    row[tiles.len()..].fill(0.0);
+                }
+            }
+            for (image, ty, span, column) in rows.clone() {
+                let planes = parts.iter().flat_map(|part| {
+                    let len = part.len() / g.batch;
+                    part[image * len..][..len].chunks_exact(g.height * g.width)
+                });
+                for (ch, plane) in planes.enumerate() {
+                    for i in 0..ALPHA {
+                        let iy = (ty * TILE + i).checked_sub(g.pad_top);
+                        let src = iy
+                            .filter(|&iy| iy < g.height)
+                            .map(|iy| &plane[iy * g.width..][..g.width]);
+                        split_phases(src, g.pad_left, padded, &mut phases[i * line..][..line]);
+                    }
+                    input_columns(phases, columns, line);
+                    input_rows(columns, v, ch, span.clone(), column, (vs, tp));
+                }
+            }
+            gemms(w, v, m, &outs, (vs, ms, tp));
+            let n = g.out_height * g.out_width;
+            let (ends, block) = (phases, columns);
+            for (image, ty, span, column) in rows {
+                let x0 = span.start * TILE;
+                let width = (span.end * TILE).min(g.out_width) - x0;
+                for (k, ch) in outs.clone().enumerate() {
+                    output_tiles(m, k, column, span.len(), (ms, tp), ends, block);
+                    let index = image * g.out_channels + ch;
+                    for r in 0..TILE.min(g.out_height - ty * TILE) {
+                        let start = (ty * TILE + r) * g.out_width + x0;
+                        // SAFETY: these outputs are this task's (see
+                        // `conv`), written whole before the slice over them
+                        // is made.
+                        let out = unsafe {
+                            let at = dst.get().add(index * n + start);
+                            let src = &block[r * TILE * span.len()..][..width];
+                            std::ptr::copy_nonoverlapping(src.as_ptr(), at, width);
+                            std::slice::from_raw_parts_mut(at, width)
+                        };
+                        epilogue.finish_at(out, index, start, n, g.out_channels);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Floats between consecutive points' matrices of `len` values: an odd
+/// number of cache lines, so that the 36 values of one tile (a column of
+/// each) fall in different L1 sets rather than all in one (a multiple of
+/// 4 KiB apart).
+fn skewed(len: usize) -> usize {
+    (len.div_ceil(16) | 1) * 16
+}
+
+/// The 36 gemms `M[xi] = U[xi] V[xi]` for output channels `outs`: V is
+/// `[36][C][tp]`, M `[36][outs][tp]`, each point's matrix `vs` and `ms`
+/// values apart.
+fn gemms(
+    w: &WinogradWeights,
+    v: &[f32],
+    m: &mut [f32],
+    outs: &std::ops::Range<usize>,
+    (vs, ms, tp): (usize, usize, usize),
+) {
+    const NR: usize = sgemm::NR;
+    const MR: usize = sgemm::MR;
+    let (c, o) = (w.in_channels, outs.len());
+    let block = BLOCK_DEPTH.min(c);
+    let offsets: Vec<usize> = (0..block).map(|ch| ch * tp).collect();
+    let panels = outs.start / MR..outs.end.div_ceil(MR);
+    for (xi, u) in w.u.iter().enumerate() {
+        let v = &v[xi * vs..][..c * tp];
+        let m = &mut m[xi * ms..][..o * tp];
+        for c0 in (0..c).step_by(block) {
+            let depth = c0..(c0 + block).min(c);
+            let offsets = &offsets[..depth.len()];
+            let group = (GROUP_FLOATS / (depth.len() * MR)).max(1);
+            for first in panels.clone().step_by(group) {
+                for p in (0..tp).step_by(NR) {
+                    for panel in first..panels.end.min(first + group) {
+                        let h = MR.min(outs.end - panel * MR);
+                        let row = panel * MR - outs.start;
+                        // SAFETY: every offset plus p + NR lies within V's
+                        // rows of tp values; M holds h rows of tp values
+                        // from row `row`.
+                        unsafe {
+                            u.tile_from_rows(
+                                panel,
+                                depth.clone(),
+                                v[c0 * tp + p..].as_ptr(),
+                                offsets,
+                                m[row * tp + p..].as_mut_ptr(),
+                                tp,
+                                (h, NR),
+                                c0 > 0,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One input row (`None`: a row of the padding) zero-padded by `pad` on the
+/// left and split by column phase: `out[q * (len / 4) + u]` = padded column
+/// `4 u + q`.
+fn split_phases(src: Option<&[f32]>, pad: usize, padded: &mut [f32], out: &mut [f32]) {
+    let width = out.len() / TILE;
+    let Some(src) = src else {
+        out.fill(0.0);
+        return;
+    };
+    let line = &mut padded[..out.len().max(pad + src.len())];
+    line[..pad].fill(0.0);
+    line[pad..pad + src.len()].copy_from_slice(src);
+    line[pad + src.len()..].fill(0.0);
+    let (p0, rest) = out.split_at_mut(width);
+    let (p1, rest) = rest.split_at_mut(width);
+    let (p2, p3) = rest.split_at_mut(width);
+    for ((((quad, a), b), c), d) in line.chunks_exact(TILE).zip(p0).zip(p1).zip(p2).zip(p3) {
+        (*a, *b, *c, *d) = (quad[0], quad[1], quad[2], quad[3]);
+    }
+}
+
+/// `B^T` applied to six values.
+#[inline(always)]
+fn input_transform(d: [f32; ALPHA]) -> [f32; ALPHA] {
+    [
+        4.0 * d[0] - 5.0 * d[2] + d[4],
+        -4.0 * (d[1] + d[2]) + d[3] + d[4],
+        4.0 * (d[1] - d[2]) - d[3] + d[4],
+        2.0 * (d[3] - d[1]) - d[2] + d[4],
+        2.0 * (d[1] - d[3]) - d[2] + d[4],
+        4.0 * d[1] - 5.0 * d[3] + d[5],
+    ]
+}
+
+/// `A^T` applied to six values.
+#[inline(always)]
+fn output_transform(m: [f32; ALPHA]) -> [f32; TILE] {
+    let (s12, d12) = (m[1] + m[2], m[1] - m[2]);
+    let (s34, d34) = (m[3] + m[4], m[3] - m[4]);
+    [
+        m[0] + s12 + s34,
+        d12 + 2.0 * d34,
+        s12 + 4.0 * s34,
+        d12 + 8.0 * d34 + m[5],
+    ]
+}
+
+avx2_dispatch! {
+    /// The transform down the six input rows of a tile row, `line` values
+    /// each: `columns[a] = sum_i B^T[a][i] phases[i]`.
+    fn input_columns(phases: &[f32], columns: &mut [f32], line: usize) {
+        let d: [&[f32]; ALPHA] = std::array::from_fn(|i| &phases[i * line..][..line]);
+        let mut rows = columns.chunks_exact_mut(line);
+        let mut out: [&mut [f32]; ALPHA] = std::array::from_fn(|_| rows.next().unwrap());
+        for x in 0..line {
+            let t = input_transform(std::array::from_fn(|i| d[i][x]));
+            for (row, v) in out.iter_mut().zip(t) {
+                row[x] = v;
+            }
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// The transform along the tile row in `columns` (six rows, split by
+    /// column phase) for its tiles `span`, into V `[36][C][tp]` at channel
+    /// `ch`, from column `at` on.
+    fn input_rows(
+        columns: &[f32],
+        v: &mut [f32],
+        ch: usize,
+        span: std::ops::Range<usize>,
+        at: usize,
+        dims: (usize, usize),
+    ) {
+        let (vs, tp) = dims;
+        let len = span.len();
+        let line = columns.len() / ALPHA;
+        let width = line / TILE;
+        for (a, row) in columns.chunks_exact(line).enumerate() {
+            // Tap j of tile u: phase j % 4, column u + j / 4.
+            let d: [&[f32]; ALPHA] = std::array::from_fn(|j| {
+                &row[(j % TILE) * width + j / TILE + span.start..][..len]
+            });
+            let mut points = v[a * ALPHA * vs..][..ALPHA * vs].chunks_exact_mut(vs);
+            let mut out: [&mut [f32]; ALPHA] =
+                std::array::from_fn(|_| &mut points.next().unwrap()[ch * tp + at..][..len]);
+            for u in 0..len {
+                let t = input_transform(std::array::from_fn(|j| d[j][u]));
+                for (point, v) in out.iter_mut().zip(t) {
+                    point[u] = v;
+                }
+            }
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// Output channel `k` of `tx` tiles of one tile row (columns
+    /// `at..at + tx` of M `[36][o][tp]`) as four output rows of `4 tx`
+    /// values in `block`.
+    fn output_tiles(
+        m: &[f32],
+        k: usize,
+        at: usize,
+        tx: usize,
+        dims: (usize, usize),
+        ends: &mut [f32],
+        block: &mut [f32],
+    ) {
+        let (ms, tp) = dims;
+        // Down the columns: ends[r][b] = sum_a A^T[r][a] M[a * 6 + b].
+        let ends = &mut ends[..TILE * ALPHA * tx];
+        for b in 0..ALPHA {
+            let src: [&[f32]; ALPHA] =
+                std::array::from_fn(|a| &m[(a * ALPHA + b) * ms + k * tp + at..][..tx]);
+            let mut rows = ends.chunks_exact_mut(ALPHA * tx).map(|r| &mut r[b * tx..][..tx]);
+            let mut out: [&mut [f32]; TILE] = std::array::from_fn(|_| rows.next().unwrap());
+            for u in 0..tx {
+                let t = output_transform(std::array::from_fn(|a| src[a][u]));
+                for (row, v) in out.iter_mut().zip(t) {
+                    row[u] = v;
+                }
+            }
+        }
+        // Along the rows, each tile's four values side by side.
+        for (r, end) in ends.chunks_exact(ALPHA * tx).enumerate() {
+            let src: [&[f32]; ALPHA] = std::array::from_fn(|b| &end[b * tx..][..tx]);
+            let out = &mut block[r * TILE * tx..][..TILE * tx];
+            for (u, quad) in out.chunks_exact_mut(TILE).enumerate() {
+                quad.copy_from_slice(&output_transform(std::array::from_fn(|b| src[b][u])));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Activation;
+
+    /// Against the convolution written out in f64: sizes that are and are
+    /// not multiples of the tile, paddings 0-2, a concatenation of parts,
+    /// depth blocks, channels split across tasks, the epilogue.
+    #[test]
+    fn matches_the_direct_sum() {
+        // (batch, channels, out channels, h, w, pad)
+        let cases = [
+            (1, 3, 5, 8, 8, 1),
+            (2, 7, 13, 9, 11, 1),
+            (1, 4, 6, 7, 7, 0),
+            (3, 5, 8, 5, 13, 2),
+            (1, 300, 14, 6, 10, 1),
+            (1, 16, 64, 4, 4, 1),
+            (2, 6, 9, 23, 18, 1),
+        ];
+        for (b, c, o, h, w, pad) in cases {
+            let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
+            let g = ConvGeometry {
+                batch: b,
+                in_channels: c,
+                height: h,
+                width: w,
+                out_channels: o,
+                kernel: 3,
+                stride: 1,
+                dilation: 1,
+                pad_top: pad,
+                pad_left: pad,
+                out_height: ho,
+                out_width: wo,
+            };
+            let value = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5;
+            let x: Vec<f32> = (0..b * c * h * w).map(value).collect();
+            let weight: Vec<f32> = (0..o * c * 9).map(|i| value(i + 5)).collect();
+            let bias: Vec<f32> = (0..o).map(|i| value(i + 11)).collect();
+            let residual: Vec<f32> = (0..b * o * ho * wo).map(|i| value(i + 17)).collect();
+            // The input as two parts: channels [0, c1) and [c1, c).
+            let c1 = c / 3;
+            let plane = h * w;
+            let part = |range: std::ops::Range<usize>| -> Vec<f32> {
+                (0..b)
+                    .flat_map(|i| {
+                        x[(i * c + range.start) * plane..(i * c + range.end) * plane].to_vec()
+                    })
+                    .collect()
+            };
+            let (first, second) = (part(0..c1), part(c1..c));
+            let weights = WinogradWeights::new(&weight, o, c);
+            let epilogue = Epilogue {
+                bias: &bias,
+                residual: Some(&residual),
+                act: Activation::Relu,
+            };
+            let got = conv(&[&first, &second], &g, &weights, &epilogue);
+            let packed = crate::sgemm::PackedLhs::new(&weight, o, c * 9);
+            let direct = crate::cpu_conv::dense(&[&first, &second], &g, &packed, &epilogue);
+            let (mut worst, mut direct_worst, mut scale) = (0f64, 0f64, 0f64);
+            for (index, ((&got, &r), &d)) in got.iter().zip(&residual).zip(&direct).enumerate() {
+                let (plane_index, pos) = (index / (ho * wo), index % (ho * wo));
+                let (i, oc, oy, ox) = (plane_index / o, plane_index % o, pos / wo, pos % wo);
+                let mut sum = bias[oc] as f64 + r as f64;
+                for ic in 0..c {
+                    for ki in 0..3 {
+                        for kj in 0..3 {
+                            let iy = (oy + ki) as isize - pad as isize;
+                            let ix = (ox + kj) as isize - pad as isize;
+                            if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                                let v = x[(i * c + ic) * plane + iy as usize * w + ix as usize];
+                                sum += weight[(oc * c + ic) * 9 + ki * 3 + kj] as f64 * v as f64;
+                            }
+                        }
+                    }
+                }
+                let want = sum.max(0.0);
+                worst = worst.max((got as f64 - want).abs());
+                direct_worst = direct_worst.max((d as f64 - want).abs());
+                scale = scale.max(want.abs());
+            }
+            // A few bits less than the direct sum (5e-7 to 6e-6 of the
+            // largest output here, the direct kernel 1e-7 to 6e-7): within
+            // the 1e-4 of scale the model fixtures allow, with room.
+            let (rel, direct_rel) = (worst / scale, direct_worst / scale);
+            eprintln!(
+                "{b}x{c}x{h}x{w} -> {o}: Winograd {rel:.1e}, direct {direct_rel:.1e} of scale"
+            );
+            assert!(rel < 2e-5, "{b}x{c}x{h}x{w} -> {o}, pad {pad}: {rel:e}");
+        }
+    }
+
+    #[test]
+    fn plans_cover_the_work() {
+        for (b, c, o, size, threads) in
+            [(1, 512, 512, 7, 2), (8, 64, 64, 56, 2), (1, 64, 70, 20, 4)]
+        {
+            let g = ConvGeometry {
+                batch: b,
+                in_channels: c,
+                height: size,
+                width: size,
+                out_channels: o,
+                kernel: 3,
+                stride: 1,
+                dilation: 1,
+                pad_top: 1,
+                pad_left: 1,
+                out_height: size,
+                out_width: size,
+            };
+            let plan = Plan::new(&g, threads);
+            // Every tile in exactly one task, in whole register tiles but
+            // the last, and each task's share within one register tile of
+            // the others'.
+            let spans: Vec<_> = (0..plan.tile_tasks).map(|t| plan.tiles(t)).collect();
+            assert_eq!(spans[0].start, 0);
+            assert_eq!(spans.last().unwrap().end, plan.total);
+            for pair in spans.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+                assert_eq!(pair[0].len() % sgemm::NR, 0);
+            }
+            let sizes = spans.iter().map(|s| s.len().div_ceil(sgemm::NR));
+            assert!(sizes.clone().max().unwrap() - sizes.min().unwrap() <= 1);
+            assert!(plan.channel_tasks * plan.channels_per_task >= o);
+            assert_eq!(plan.channels_per_task % sgemm::MR, 0);
+        }
+    }
+}
