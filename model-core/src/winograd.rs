@@ -212,13 +212,10 @@ impl Plan {
         let (c, tx) = (g.in_channels, self.tiles_x);
         let o = outs.len();
         let tp = tiles.len().next_multiple_of(sgemm::NR);
-        // One tile row's input split by column phase: six rows of four
-        // phases of `tx + 1` values (a tile reads one value of the next).
-        let line = TILE * (tx + 1);
-        let stage = ALPHA * line;
+        let stage = ALPHA * TILE * (tx + 1);
         let (vs, ms) = (skewed(c * tp), skewed(o * tp));
         let (v_len, m_len) = (POINTS * vs, POINTS * ms);
-        let padded = line.max(g.width + g.pad_left);
+        let padded = (TILE * (tx + 1)).max(g.width + g.pad_left);
         // The tile rows the task touches: (image, tile row, its tiles, the
         // column of the first in V and M).
         let rows = (tiles.start / tx..tiles.end.div_ceil(tx)).map(|row| {
@@ -243,16 +240,21 @@ impl Plan {
                     let len = part.len() / g.batch;
                     part[image * len..][..len].chunks_exact(g.height * g.width)
                 });
+                // The span's input split by column phase: six rows of four
+                // phases of `len + 1` values (a tile reads one value of the
+                // next).
+                let line = TILE * (span.len() + 1);
                 for (ch, plane) in planes.enumerate() {
                     for i in 0..ALPHA {
                         let iy = (ty * TILE + i).checked_sub(g.pad_top);
                         let src = iy
                             .filter(|&iy| iy < g.height)
                             .map(|iy| &plane[iy * g.width..][..g.width]);
-                        split_phases(src, g.pad_left, padded, &mut phases[i * line..][..line]);
+                        let out = &mut phases[i * line..][..line];
+                        split_phases(src, g.pad_left, span.start * TILE, padded, out);
                     }
-                    input_columns(phases, columns, line);
-                    input_rows(columns, v, ch, span.clone(), column, (vs, tp));
+                    input_columns(&phases[..ALPHA * line], &mut columns[..ALPHA * line], line);
+                    input_rows(&columns[..ALPHA * line], v, ch, column, (vs, tp));
                 }
             }
             gemms(w, v, m, &outs, (vs, ms, tp));
@@ -342,23 +344,135 @@ fn gemms(
 }
 
 /// One input row (`None`: a row of the padding) zero-padded by `pad` on the
-/// left and split by column phase: `out[q * (len / 4) + u]` = padded column
-/// `4 u + q`.
-fn split_phases(src: Option<&[f32]>, pad: usize, padded: &mut [f32], out: &mut [f32]) {
-    let width = out.len() / TILE;
+/// left and split by column phase from padded column `first` on:
+/// `out[q * (len / 4) + u]` = padded column `first + 4 u + q`.
+fn split_phases(
+    src: Option<&[f32]>,
+    pad: usize,
+    first: usize,
+    padded: &mut [f32],
+    out: &mut [f32],
+) {
     let Some(src) = src else {
         out.fill(0.0);
         return;
     };
-    let line = &mut padded[..out.len().max(pad + src.len())];
+    let line = &mut padded[..(first + out.len()).max(pad + src.len())];
     line[..pad].fill(0.0);
     line[pad..pad + src.len()].copy_from_slice(src);
     line[pad + src.len()..].fill(0.0);
-    let (p0, rest) = out.split_at_mut(width);
-    let (p1, rest) = rest.split_at_mut(width);
-    let (p2, p3) = rest.split_at_mut(width);
-    for ((((quad, a), b), c), d) in line.chunks_exact(TILE).zip(p0).zip(p1).zip(p2).zip(p3) {
-        (*a, *b, *c, *d) = (quad[0], quad[1], quad[2], quad[3]);
+    deinterleave(&line[first..][..out.len()], out);
+}
+
+avx2_dispatch! {
+    /// `out[q * n + u] = src[4 u + q]` for the four phases `q`, `n = len / 4`.
+    fn deinterleave(src: &[f32], out: &mut [f32]) {
+        let n = out.len() / TILE;
+        let (p0, rest) = out.split_at_mut(n);
+        let (p1, rest) = rest.split_at_mut(n);
+        let (p2, p3) = rest.split_at_mut(n);
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above); every access is
+            // within the slices' lengths.
+            done = unsafe { x86::deinterleave(src, [p0, p1, p2, p3], n) };
+        }
+        for u in done..n {
+            let q = &src[TILE * u..][..TILE];
+            (p0[u], p1[u], p2[u], p3[u]) = (q[0], q[1], q[2], q[3]);
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// `out[4 u + q] = src[q * n + u]` for the four phases `q`, `n = len / 4`:
+    /// the inverse of [`deinterleave`].
+    fn interleave(src: &[f32], out: &mut [f32]) {
+        let n = out.len() / TILE;
+        let p: [&[f32]; TILE] = std::array::from_fn(|q| &src[q * n..][..n]);
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: as in `deinterleave`.
+            done = unsafe { x86::interleave(p, out, n) };
+        }
+        for u in done..n {
+            let q = &mut out[TILE * u..][..TILE];
+            (q[0], q[1], q[2], q[3]) = (p[0][u], p[1][u], p[2][u], p[3][u]);
+        }
+    }
+}
+
+/// The 4-way (de)interleaving with AVX2: eight tiles per step, as a 4x4
+/// transpose within each 128-bit lane and a permutation across them.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Tiles `0..8k` of [`super::deinterleave`]; returns `8k`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn deinterleave(src: &[f32], out: [&mut [f32]; 4], n: usize) -> usize {
+        let steps = n / 8;
+        // Lane order after the in-lane transpose: tiles 0 2 4 6 | 1 3 5 7.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let [p0, p1, p2, p3] = out;
+        assert!(
+            src.len() >= 32 * steps
+                && [&*p0, &*p1, &*p2, &*p3]
+                    .iter()
+                    .all(|p| p.len() >= 8 * steps)
+        );
+        for i in 0..steps {
+            let s = src.as_ptr().add(32 * i);
+            let (a, b) = (_mm256_loadu_ps(s), _mm256_loadu_ps(s.add(8)));
+            let (c, d) = (_mm256_loadu_ps(s.add(16)), _mm256_loadu_ps(s.add(24)));
+            let (t0, t1) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            let (t2, t3) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+            let q0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let q1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let q2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let q3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            for (p, q) in [
+                (&mut *p0, q0),
+                (&mut *p1, q1),
+                (&mut *p2, q2),
+                (&mut *p3, q3),
+            ] {
+                _mm256_storeu_ps(
+                    p.as_mut_ptr().add(8 * i),
+                    _mm256_permutevar8x32_ps(q, order),
+                );
+            }
+        }
+        8 * steps
+    }
+
+    /// Tiles `0..8k` of [`super::interleave`]; returns `8k`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn interleave(p: [&[f32]; 4], out: &mut [f32], n: usize) -> usize {
+        let steps = n / 8;
+        // Tiles 0 2 4 6 | 1 3 5 7 in each phase vector, for the in-lane transpose.
+        let order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        assert!(out.len() >= 32 * steps && p.iter().all(|p| p.len() >= 8 * steps));
+        for i in 0..steps {
+            let load = |q: usize| {
+                _mm256_permutevar8x32_ps(_mm256_loadu_ps(p[q].as_ptr().add(8 * i)), order)
+            };
+            let (q0, q1, q2, q3) = (load(0), load(1), load(2), load(3));
+            let (t0, t1) = (_mm256_unpacklo_ps(q0, q1), _mm256_unpackhi_ps(q0, q1));
+            let (t2, t3) = (_mm256_unpacklo_ps(q2, q3), _mm256_unpackhi_ps(q2, q3));
+            let a = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let b = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let c = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let d = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let o = out.as_mut_ptr().add(32 * i);
+            _mm256_storeu_ps(o, a);
+            _mm256_storeu_ps(o.add(8), b);
+            _mm256_storeu_ps(o.add(16), c);
+            _mm256_storeu_ps(o.add(24), d);
+        }
+        8 * steps
     }
 }
 
@@ -405,26 +519,18 @@ avx2_dispatch! {
 }
 
 avx2_dispatch! {
-    /// The transform along the tile row in `columns` (six rows, split by
-    /// column phase) for its tiles `span`, into V `[36][C][tp]` at channel
-    /// `ch`, from column `at` on.
-    fn input_rows(
-        columns: &[f32],
-        v: &mut [f32],
-        ch: usize,
-        span: std::ops::Range<usize>,
-        at: usize,
-        dims: (usize, usize),
-    ) {
+    /// The transform along the tiles of one row in `columns` (six rows,
+    /// split by column phase: `len` tiles and the next tile's values), into
+    /// V `[36][C][tp]` at channel `ch`, from column `at` on.
+    fn input_rows(columns: &[f32], v: &mut [f32], ch: usize, at: usize, dims: (usize, usize)) {
         let (vs, tp) = dims;
-        let len = span.len();
         let line = columns.len() / ALPHA;
         let width = line / TILE;
+        let len = width - 1;
         for (a, row) in columns.chunks_exact(line).enumerate() {
             // Tap j of tile u: phase j % 4, column u + j / 4.
-            let d: [&[f32]; ALPHA] = std::array::from_fn(|j| {
-                &row[(j % TILE) * width + j / TILE + span.start..][..len]
-            });
+            let d: [&[f32]; ALPHA] =
+                std::array::from_fn(|j| &row[(j % TILE) * width + j / TILE..][..len]);
             let mut points = v[a * ALPHA * vs..][..ALPHA * vs].chunks_exact_mut(vs);
             let mut out: [&mut [f32]; ALPHA] =
                 std::array::from_fn(|_| &mut points.next().unwrap()[ch * tp + at..][..len]);
@@ -466,13 +572,22 @@ avx2_dispatch! {
                 }
             }
         }
-        // Along the rows, each tile's four values side by side.
+        // Along the rows, then each tile's four values side by side.
+        let (block, quads) = block.split_at_mut(TILE * TILE * tx);
+        let quads = &mut quads[..TILE * tx];
         for (r, end) in ends.chunks_exact(ALPHA * tx).enumerate() {
             let src: [&[f32]; ALPHA] = std::array::from_fn(|b| &end[b * tx..][..tx]);
-            let out = &mut block[r * TILE * tx..][..TILE * tx];
-            for (u, quad) in out.chunks_exact_mut(TILE).enumerate() {
-                quad.copy_from_slice(&output_transform(std::array::from_fn(|b| src[b][u])));
+            {
+                let mut rows = quads.chunks_exact_mut(tx);
+                let mut out: [&mut [f32]; TILE] = std::array::from_fn(|_| rows.next().unwrap());
+                for u in 0..tx {
+                    let t = output_transform(std::array::from_fn(|b| src[b][u]));
+                    for (row, v) in out.iter_mut().zip(t) {
+                        row[u] = v;
+                    }
+                }
             }
+            interleave(quads, &mut block[r * TILE * tx..][..TILE * tx]);
         }
     }
 }
@@ -496,6 +611,7 @@ mod tests {
             (1, 300, 14, 6, 10, 1),
             (1, 16, 64, 4, 4, 1),
             (2, 6, 9, 23, 18, 1),
+            (1, 5, 7, 6, 75, 1),
         ];
         for (b, c, o, h, w, pad) in cases {
             let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
@@ -568,6 +684,21 @@ mod tests {
                 "{b}x{c}x{h}x{w} -> {o}: Winograd {rel:.1e}, direct {direct_rel:.1e} of scale"
             );
             assert!(rel < 2e-5, "{b}x{c}x{h}x{w} -> {o}, pad {pad}: {rel:e}");
+        }
+    }
+
+    #[test]
+    fn phases_split_and_join() {
+        for n in [1, 7, 8, 9, 16, 21] {
+            let src: Vec<f32> = (0..4 * n).map(|v| v as f32).collect();
+            let mut split = vec![f32::NAN; 4 * n];
+            deinterleave(&src, &mut split);
+            for (u, q) in (0..n).flat_map(|u| (0..4).map(move |q| (u, q))) {
+                assert_eq!(split[q * n + u], src[4 * u + q], "n {n}");
+            }
+            let mut joined = vec![f32::NAN; 4 * n];
+            interleave(&split, &mut joined);
+            assert_eq!(joined, src, "n {n}");
         }
     }
 
