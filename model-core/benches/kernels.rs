@@ -182,20 +182,7 @@ fn winograd_cases(filter: Option<&String>) {
             values(o * c * 9, 1),
             values(o, 2),
         );
-        let g = cpu_conv::ConvGeometry {
-            batch: b,
-            in_channels: c,
-            height: size,
-            width: size,
-            out_channels: o,
-            kernel: 3,
-            stride: 1,
-            dilation: 1,
-            pad_top: 1,
-            pad_left: 1,
-            out_height: size,
-            out_width: size,
-        };
+        let g = cpu_conv::ConvGeometry::padded(b, c, (size, size), o, 3, 1, 1);
         let epilogue = cpu_conv::Epilogue {
             bias: &bias,
             residual: None,

@@ -51,6 +51,34 @@ pub struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// `[batch, in_channels, height, width]` convolved with `pad` zeros on
+    /// every side and no dilation.
+    pub fn padded(
+        batch: usize,
+        in_channels: usize,
+        (height, width): (usize, usize),
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Self {
+        let out = |size: usize| (size + 2 * pad - kernel) / stride + 1;
+        Self {
+            batch,
+            in_channels,
+            height,
+            width,
+            out_channels,
+            kernel,
+            stride,
+            dilation: 1,
+            pad_top: pad,
+            pad_left: pad,
+            out_height: out(height),
+            out_width: out(width),
+        }
+    }
+
     fn in_plane(&self) -> usize {
         self.height * self.width
     }
@@ -884,6 +912,40 @@ mod simd {
     }
 }
 
+/// The convolution written out in f64, for the kernels' tests.
+#[cfg(test)]
+pub(crate) mod reference {
+    use super::ConvGeometry;
+
+    /// Output `index` of `[B, O, Ho, Wo]`: the sum over the taps of a dense
+    /// convolution (one group, no dilation) of `x` `[B, C, H, W]` with
+    /// `weight` `[O, C, k, k]`, before bias and activation.
+    pub(crate) fn dense_at(x: &[f32], weight: &[f32], g: &ConvGeometry, index: usize) -> f64 {
+        let (c, k, s) = (g.in_channels, g.kernel, g.stride);
+        let (plane, pos) = (index / g.out_plane(), index % g.out_plane());
+        let (i, oc) = (plane / g.out_channels, plane % g.out_channels);
+        let (oy, ox) = (pos / g.out_width, pos % g.out_width);
+        let mut sum = 0f64;
+        for ic in 0..c {
+            for ki in 0..k {
+                for kj in 0..k {
+                    let iy = (oy * s + ki)
+                        .checked_sub(g.pad_top)
+                        .filter(|&y| y < g.height);
+                    let ix = (ox * s + kj)
+                        .checked_sub(g.pad_left)
+                        .filter(|&x| x < g.width);
+                    if let (Some(iy), Some(ix)) = (iy, ix) {
+                        let v = x[((i * c + ic) * g.height + iy) * g.width + ix];
+                        sum += weight[((oc * c + ic) * k + ki) * k + kj] as f64 * v as f64;
+                    }
+                }
+            }
+        }
+        sum
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -988,21 +1050,7 @@ mod tests {
             (3, 4, 7, 17, 5, 2, 2),
         ];
         for (b, c, o, size, k, s, pad) in cases {
-            let out = (size + 2 * pad - k) / s + 1;
-            let g = ConvGeometry {
-                batch: b,
-                in_channels: c,
-                height: size,
-                width: size,
-                out_channels: o,
-                kernel: k,
-                stride: s,
-                dilation: 1,
-                pad_top: pad,
-                pad_left: pad,
-                out_height: out,
-                out_width: out,
-            };
+            let g = ConvGeometry::padded(b, c, (size, size), o, k, s, pad);
             let value = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5;
             let x: Vec<f32> = (0..b * c * size * size).map(value).collect();
             let weight: Vec<f32> = (0..o * c * k * k).map(|i| value(i + 5)).collect();
@@ -1015,25 +1063,11 @@ mod tests {
             let packed = PackedLhs::new(&weight, o, c * k * k);
             let got = dense_direct(&[&x], &g, &packed, &epilogue);
             for (index, &got) in got.iter().enumerate() {
-                let (plane, pos) = (index / (out * out), index % (out * out));
-                let (i, oc, oy, ox) = (plane / o, plane % o, pos / out, pos % out);
-                let mut sum = bias[oc] as f64;
-                for ic in 0..c {
-                    for ki in 0..k {
-                        for kj in 0..k {
-                            let iy = (oy * s + ki) as isize - pad as isize;
-                            let ix = (ox * s + kj) as isize - pad as isize;
-                            if (0..size as isize).contains(&iy) && (0..size as isize).contains(&ix)
-                            {
-                                let v = x[((i * c + ic) * size + iy as usize) * size + ix as usize];
-                                sum += weight[((oc * c + ic) * k + ki) * k + kj] as f64 * v as f64;
-                            }
-                        }
-                    }
-                }
+                let want = reference::dense_at(&x, &weight, &g, index)
+                    + bias[index / g.out_plane() % o] as f64;
                 assert!(
-                    (got as f64 - sum).abs() <= 1e-4,
-                    "{b}x{c}x{size} k{k}/{s} -> {o} [{index}]: {got} vs {sum}"
+                    (got as f64 - want).abs() <= 1e-4,
+                    "{b}x{c}x{size} k{k}/{s} -> {o} [{index}]: {got} vs {want}"
                 );
             }
         }

@@ -595,6 +595,7 @@ avx2_dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_conv::reference::dense_at;
     use crate::layers::Activation;
 
     /// Against the convolution written out in f64: sizes that are and are
@@ -614,21 +615,8 @@ mod tests {
             (1, 5, 7, 6, 75, 1),
         ];
         for (b, c, o, h, w, pad) in cases {
-            let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
-            let g = ConvGeometry {
-                batch: b,
-                in_channels: c,
-                height: h,
-                width: w,
-                out_channels: o,
-                kernel: 3,
-                stride: 1,
-                dilation: 1,
-                pad_top: pad,
-                pad_left: pad,
-                out_height: ho,
-                out_width: wo,
-            };
+            let g = ConvGeometry::padded(b, c, (h, w), o, 3, 1, pad);
+            let (ho, wo) = (g.out_height, g.out_width);
             let value = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5;
             let x: Vec<f32> = (0..b * c * h * w).map(value).collect();
             let weight: Vec<f32> = (0..o * c * 9).map(|i| value(i + 5)).collect();
@@ -656,21 +644,8 @@ mod tests {
             let direct = crate::cpu_conv::dense(&[&first, &second], &g, &packed, &epilogue);
             let (mut worst, mut direct_worst, mut scale) = (0f64, 0f64, 0f64);
             for (index, ((&got, &r), &d)) in got.iter().zip(&residual).zip(&direct).enumerate() {
-                let (plane_index, pos) = (index / (ho * wo), index % (ho * wo));
-                let (i, oc, oy, ox) = (plane_index / o, plane_index % o, pos / wo, pos % wo);
-                let mut sum = bias[oc] as f64 + r as f64;
-                for ic in 0..c {
-                    for ki in 0..3 {
-                        for kj in 0..3 {
-                            let iy = (oy + ki) as isize - pad as isize;
-                            let ix = (ox + kj) as isize - pad as isize;
-                            if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
-                                let v = x[(i * c + ic) * plane + iy as usize * w + ix as usize];
-                                sum += weight[(oc * c + ic) * 9 + ki * 3 + kj] as f64 * v as f64;
-                            }
-                        }
-                    }
-                }
+                let oc = index / (ho * wo) % o;
+                let sum = dense_at(&x, &weight, &g, index) + bias[oc] as f64 + r as f64;
                 let want = sum.max(0.0);
                 worst = worst.max((got as f64 - want).abs());
                 direct_worst = direct_worst.max((d as f64 - want).abs());
@@ -707,20 +682,7 @@ mod tests {
         for (b, c, o, size, threads) in
             [(1, 512, 512, 7, 2), (8, 64, 64, 56, 2), (1, 64, 70, 20, 4)]
         {
-            let g = ConvGeometry {
-                batch: b,
-                in_channels: c,
-                height: size,
-                width: size,
-                out_channels: o,
-                kernel: 3,
-                stride: 1,
-                dilation: 1,
-                pad_top: 1,
-                pad_left: 1,
-                out_height: size,
-                out_width: size,
-            };
+            let g = ConvGeometry::padded(b, c, (size, size), o, 3, 1, 1);
             let plan = Plan::new(&g, threads);
             // Every tile in exactly one task, in whole register tiles but
             // the last, and each task's share within one register tile of
