@@ -28,8 +28,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::layers::Activation;
-use crate::sgemm::{self, Lhs, PackedLhs, Rhs};
+use crate::activation::Activation;
+use crate::sgemm::{self, Lhs, PackedLhs, Rhs, SharedMut};
 
 /// The sizes a convolution reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -526,20 +526,6 @@ const TILE_FLOATS: usize = 256 * 1024;
 /// (packing the column block) over too few columns.
 const MIN_TILE_COLUMNS: usize = 512;
 
-/// A raw output pointer shared by tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut(pub(crate) *mut f32);
-// SAFETY: the users write disjoint regions (see `dense`).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    // A method, so that closures capture the wrapper and not the raw field.
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Depthwise convolution of `x` `[B, C, H, W]` with `taps` `[k, k, C]`
 /// (tap-major: the layout [`pack_depthwise`] makes), returning `[B, C, Ho, Wo]`.
 ///
@@ -772,7 +758,7 @@ pub(crate) fn finish_rows(buf: &mut [f32], chunk: usize, act: Activation) {
 
 mod simd {
     use super::{input_row, ConvGeometry};
-    use crate::layers::Activation;
+    use crate::activation::Activation;
     use crate::vmath::{avx2_dispatch, gelu, silu};
 
     avx2_dispatch! {

@@ -13,9 +13,9 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::cpu_conv::{finish_rows, SharedMut};
-use crate::layers::Activation;
-use crate::sgemm::{self, Lhs, PackedRhs, Rhs};
+use crate::activation::Activation;
+use crate::cpu_conv::finish_rows;
+use crate::sgemm::{self, Lhs, PackedRhs, Rhs, SharedMut};
 use crate::vmath::{avx2_dispatch, exp};
 
 /// Sequences of feature rows in a buffer: feature `c` of row `i` of sequence

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
 use rayon::prelude::*;
 
+pub use crate::activation::Activation;
 use crate::cpu_conv::{self, ConvGeometry, Epilogue};
 use crate::cpu_transformer;
 use crate::sgemm::{PackedLhs, PackedRhs};
@@ -75,31 +76,6 @@ pub fn host_kernels_enabled() -> bool {
 /// A folded f32 CPU tensor's elements, row-major, for the host kernels.
 fn host_vec(t: &Tensor) -> Result<Arc<[f32]>> {
     Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?.into())
-}
-
-/// The activations the supported families use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    None,
-    Relu,
-    Relu6,
-    Silu,
-    /// The exact (erf) GELU.
-    Gelu,
-}
-
-impl Activation {
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::None => Ok(x.clone()),
-            Self::Relu => x.relu(),
-            // clamp goes through two binary ops; relu + minimum keeps the
-            // first one a cheap unary op.
-            Self::Relu6 => x.relu()?.minimum(6.0),
-            Self::Silu => x.silu(),
-            Self::Gelu => x.gelu_erf(),
-        }
-    }
 }
 
 /// How a convolution pads its input.

@@ -2,6 +2,7 @@
 //! the image preprocessing that feeds them and the postprocessing of their
 //! outputs. No I/O beyond the tensors and bytes handed to it.
 
+pub mod activation;
 pub mod classifier;
 pub mod cpu_conv;
 pub mod cpu_transformer;

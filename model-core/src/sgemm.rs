@@ -25,7 +25,20 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::cpu_conv::SharedMut;
+/// A raw output pointer shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub(crate) *mut f32);
+// SAFETY: the users write disjoint regions (the gemm's tasks, the
+// convolutions' bands and tiles).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    // A method, so that closures capture the wrapper and not the raw field.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Rows of the register tile.
 pub const MR: usize = 6;

@@ -18,8 +18,8 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_conv::{with_scratch, ConvGeometry, Epilogue, SharedMut};
-use crate::sgemm::{self, PackedLhs};
+use crate::cpu_conv::{with_scratch, ConvGeometry, Epilogue};
+use crate::sgemm::{self, PackedLhs, SharedMut};
 use crate::vmath::avx2_dispatch;
 
 /// Outputs per tile side.
@@ -595,8 +595,8 @@ avx2_dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::activation::Activation;
     use crate::cpu_conv::reference::dense_at;
-    use crate::layers::Activation;
 
     /// Against the convolution written out in f64: sizes that are and are
     /// not multiples of the tile, paddings 0-2, a concatenation of parts,
