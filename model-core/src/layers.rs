@@ -1071,6 +1071,26 @@ mod tests {
         Placement::new(&Device::Cpu, DType::F32)
     }
 
+    /// Within 1e-4, or for a layer that may run by Winograd (3x3, stride 1,
+    /// f32 on the host) within 3e-5 of the output's scale (`max |want|`):
+    /// its transforms cost a few bits (up to 1.4e-5 of scale measured here,
+    /// where the direct kernel is within 6e-7), still under the model
+    /// fixtures' 1e-4 of scale.
+    fn assert_close(got: &Tensor, want: &Tensor, winograd: bool, what: &str) {
+        let diff = max_diff(got, want);
+        if winograd {
+            let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff / scale.max(1.0) < 3e-5, "{what}: {diff:e} of {scale}");
+        } else {
+            assert!(diff < 1e-4, "{what}: {diff:e}");
+        }
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -1149,7 +1169,13 @@ mod tests {
                     .conv2d(&weight, 0, s, d, g)?
                     .broadcast_add(&bias.reshape((1, co, 1, 1))?)?;
                 assert_eq!(got.dims(), want.dims(), "{dtype:?} {spec:?} {h}x{w}");
-                assert!(max_diff(&got, &want) < 1e-4, "{dtype:?} {spec:?} {h}x{w}");
+                let winograd = dtype == DType::F32 && (k, s, d, g) == (3, 1, 1, 1);
+                assert_close(
+                    &got,
+                    &want,
+                    winograd,
+                    &format!("{dtype:?} {spec:?} {h}x{w}"),
+                );
             }
         }
         Ok(())
@@ -1183,11 +1209,9 @@ mod tests {
                     let with_res = act.apply(&(&want + &res)?)?;
                     let without = act.apply(&want)?;
                     let what = format!("{act:?} k{k} g{g} batch {batch}");
-                    assert!(
-                        max_diff(&conv.forward_add(&x, &res)?, &with_res) < 1e-4,
-                        "{what}"
-                    );
-                    assert!(max_diff(&conv.forward(&x)?, &without) < 1e-4, "{what}");
+                    let winograd = (k, g) == (3, 1);
+                    assert_close(&conv.forward_add(&x, &res)?, &with_res, winograd, &what);
+                    assert_close(&conv.forward(&x)?, &without, winograd, &what);
                 }
             }
         }
@@ -1275,10 +1299,8 @@ mod tests {
                 let res = Tensor::randn(0f32, 1., want.dims(), &dev)?;
                 let want = (want + &res)?.silu()?;
                 let got = conv.forward_add(&x, &res)?;
-                assert!(
-                    max_diff(&got, &want) < 1e-4,
-                    "{ci}->{co} k{k} s{s} batch {batch}"
-                );
+                let what = format!("{ci}->{co} k{k} s{s} batch {batch}");
+                assert_close(&got, &want, (k, s) == (3, 1), &what);
             }
         }
         Ok(())

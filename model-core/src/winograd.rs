@@ -77,16 +77,17 @@ impl WinogradWeights {
 }
 
 /// Whether [`conv`] is expected to beat the direct kernel on this input:
-/// enough tiles that each pass over the transformed weights (four times the
-/// filters' size) is shared by several register tiles. Below that, for
-/// example 7x7 maps at batch 1, streaming `U` costs more than the
-/// multiplications it saves.
+/// enough tiles per image that each pass over the transformed weights (four
+/// times the filters' size) is shared by several register tiles. Below
+/// that (ResNet-50's 7x7 maps: 4 tiles), streaming `U` costs more than the
+/// multiplications it saves, at least at batch 1. Decided per image, not
+/// per batch, so that an image's result does not depend on its batchmates
+/// (Winograd's rounding differs from the direct kernel's).
 pub fn pays(g: &ConvGeometry) -> bool {
-    let tiles = g.batch * g.out_height.div_ceil(TILE) * g.out_width.div_ceil(TILE);
-    tiles >= MIN_TILES
+    g.out_height.div_ceil(TILE) * g.out_width.div_ceil(TILE) >= MIN_TILES
 }
 
-/// The fewest tiles (over the batch) for which [`pays`] says yes.
+/// The fewest tiles per image for which [`pays`] says yes.
 const MIN_TILES: usize = 16;
 
 /// Floats of transformed input per task (512 KiB, a core's L2).
