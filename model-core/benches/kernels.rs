@@ -196,15 +196,11 @@ fn winograd_cases(filter: Option<&String>) {
         let direct = time(&|| {
             cpu_conv::dense(&[&x], &g, &packed, &epilogue);
         });
-        let flops = 2.0 * (b * o * size * size * c * 9) as f64;
-        let gf = |t: Duration| flops / t.as_secs_f64() / 1e9;
-        let ms = |t: Duration| t.as_secs_f64() * 1e3;
-        println!(
-            "{name:24} {:10.2} {:10.1} {:10.2} {:10.1}",
-            ms(ours),
-            gf(ours),
-            ms(direct),
-            gf(direct)
+        print_pair(
+            name,
+            2.0 * (b * o * size * size * c * 9) as f64,
+            ours,
+            direct,
         );
     }
 }
@@ -278,17 +274,21 @@ fn gemm_cases(filter: Option<&String>) {
                 )
             }
         });
-        let flops = 2.0 * (m * n * k) as f64;
-        let gf = |t: Duration| flops / t.as_secs_f64() / 1e9;
-        let ms = |t: Duration| t.as_secs_f64() * 1e3;
-        println!(
-            "{name:24} {:10.2} {:10.1} {:10.2} {:10.1}",
-            ms(ours),
-            gf(ours),
-            ms(crate_gemm),
-            gf(crate_gemm)
-        );
+        print_pair(name, 2.0 * (m * n * k) as f64, ours, crate_gemm);
     }
+}
+
+/// One row: ms and GFLOP/s of Fovea's kernel, then of the other.
+fn print_pair(name: &str, flops: f64, ours: Duration, other: Duration) {
+    let gf = |t: Duration| flops / t.as_secs_f64() / 1e9;
+    let ms = |t: Duration| t.as_secs_f64() * 1e3;
+    println!(
+        "{name:24} {:10.2} {:10.1} {:10.2} {:10.1}",
+        ms(ours),
+        gf(ours),
+        ms(other),
+        gf(other)
+    );
 }
 
 fn time(f: &dyn Fn()) -> Duration {

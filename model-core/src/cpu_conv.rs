@@ -140,16 +140,7 @@ pub fn dense(
 ) -> Vec<f32> {
     let (n, o) = (g.out_plane(), g.out_channels);
     let depth = g.in_channels * g.kernel * g.kernel;
-    let per_channel = g.batch * g.in_plane();
-    assert!(
-        parts.iter().all(|p| p.len() % per_channel.max(1) == 0)
-            && parts.iter().map(|p| p.len()).sum::<usize>() == g.in_channels * per_channel,
-        "the parts are not [{}, C_j, {}, {}] with {} channels in all",
-        g.batch,
-        g.height,
-        g.width,
-        g.in_channels
-    );
+    check_parts(parts, g);
     assert_eq!((weight.rows(), weight.depth()), (o, depth));
     assert_eq!(epilogue.bias.len(), o);
     let per_image = o * n;
@@ -244,6 +235,27 @@ pub fn dense(
     out
 }
 
+/// Panics unless `parts` are `[B, C_j, H, W]` with `C` channels in all.
+pub(crate) fn check_parts(parts: &[&[f32]], g: &ConvGeometry) {
+    let per_channel = g.batch * g.in_plane();
+    assert!(
+        parts.iter().all(|p| p.len() % per_channel.max(1) == 0)
+            && parts.iter().map(|p| p.len()).sum::<usize>() == g.in_channels * per_channel,
+        "the parts are not [{}, C_j, {}, {}] with {} channels in all",
+        g.batch,
+        g.height,
+        g.width,
+        g.in_channels
+    );
+}
+
+/// `len` rounded up to an odd number of 16-value cache lines: buffers laid
+/// out that far apart put the values at the same offset in each in
+/// different L1 sets, where a multiple of 4 KiB would put them all in one.
+pub(crate) fn odd_lines(len: usize) -> usize {
+    (len.div_ceil(16) | 1) * 16
+}
+
 /// Whether `dense_direct` computes this convolution of one part rather than
 /// the gemm path: any with more than one tap (several parts always go
 /// there). A 1x1 convolution over one part reads it in place, or a strided
@@ -310,7 +322,7 @@ fn dense_direct(
     // all the weights: ResNet-50's 512-channel 3x3 layers at 7x7 read 9 MiB
     // of weights for 49 pixels, and ran at a third of the gemm's speed when
     // four bands of two rows each read them).
-    let weights_heavy = o * c * taps_of(g) > g.batch * c * phases * (g.out_height + reach) * wp;
+    let weights_heavy = o * c * k * k > g.batch * c * phases * (g.out_height + reach) * wp;
     let (band, splits) = if weights_heavy {
         let bands = g.batch * g.out_height.div_ceil(fit);
         let splits = (2 * threads).div_ceil(bands).min(panels / 2).max(1);
@@ -328,9 +340,9 @@ fn dense_direct(
     // 16-value lines so that the planes' rows fall in different L1 sets.
     let plane = {
         let len = (band + reach) * wp + NR + reach;
-        (len.div_ceil(16) | 1) * 16
+        odd_lines(len)
     };
-    let taps = taps_of(g);
+    let taps = k * k;
     let block = (DIRECT_BLOCK_DEPTH / taps).max(32).min(c);
     let offsets: Vec<usize> = (0..block * taps)
         .map(|r| (r / taps * phases) * plane + tap_offset(r % taps, g, plane, wp))
@@ -411,10 +423,6 @@ fn dense_direct(
     // SAFETY: the bands cover every output value.
     unsafe { out.set_len(g.batch * o * n) };
     out
-}
-
-fn taps_of(g: &ConvGeometry) -> usize {
-    g.kernel * g.kernel
 }
 
 /// Where tap `tap` (row-major in the k x k kernel) reads in one channel's

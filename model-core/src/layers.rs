@@ -51,12 +51,7 @@ impl Placement {
 /// on the direct kernel, to compare the two.
 pub fn winograd_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        !matches!(
-            std::env::var("FOVEA_WINOGRAD").as_deref(),
-            Ok("off" | "0" | "false")
-        )
-    })
+    *ENABLED.get_or_init(|| switched_on("FOVEA_WINOGRAD"))
 }
 
 /// Whether Fovea's own CPU kernels run (the default). With
@@ -65,12 +60,13 @@ pub fn winograd_enabled() -> bool {
 /// against the references on a CPU, and the kernels' gain measured.
 pub fn host_kernels_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        !matches!(
-            std::env::var("FOVEA_HOST_KERNELS").as_deref(),
-            Ok("off" | "0" | "false")
-        )
-    })
+    *ENABLED.get_or_init(|| switched_on("FOVEA_HOST_KERNELS"))
+}
+
+/// A switch that is on unless the environment variable says `off`, `0` or
+/// `false`.
+fn switched_on(var: &str) -> bool {
+    !matches!(std::env::var(var).as_deref(), Ok("off" | "0" | "false"))
 }
 
 /// A folded f32 CPU tensor's elements, row-major, for the host kernels.

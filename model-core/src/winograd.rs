@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_conv::{with_scratch, ConvGeometry, Epilogue};
+use crate::cpu_conv::{check_parts, odd_lines, with_scratch, ConvGeometry, Epilogue};
 use crate::sgemm::{self, PackedLhs, SharedMut};
 use crate::vmath::avx2_dispatch;
 
@@ -115,15 +115,7 @@ pub fn conv(
     );
     let (c, o) = (g.in_channels, g.out_channels);
     assert_eq!((w.in_channels, w.out_channels), (c, o), "weight shape");
-    let in_plane = g.height * g.width;
-    assert_eq!(
-        parts.iter().map(|p| p.len()).sum::<usize>(),
-        g.batch * c * in_plane,
-        "the parts are not [{}, {c}, {}, {}] in all",
-        g.batch,
-        g.height,
-        g.width
-    );
+    check_parts(parts, g);
     assert_eq!(epilogue.bias.len(), o);
     let n = g.out_height * g.out_width;
     if let Some(r) = epilogue.residual {
@@ -214,7 +206,9 @@ impl Plan {
         let o = outs.len();
         let tp = tiles.len().next_multiple_of(sgemm::NR);
         let stage = ALPHA * TILE * (tx + 1);
-        let (vs, ms) = (skewed(c * tp), skewed(o * tp));
+        // Each point's matrix an odd number of cache lines after the last, so
+        // that the 36 values of one tile do not all fall in one L1 set.
+        let (vs, ms) = (odd_lines(c * tp), odd_lines(o * tp));
         let (v_len, m_len) = (POINTS * vs, POINTS * ms);
         let padded = (TILE * (tx + 1)).max(g.width + g.pad_left);
         // The tile rows the task touches: (image, tile row, its tiles, the
@@ -284,14 +278,6 @@ impl Plan {
             }
         });
     }
-}
-
-/// Floats between consecutive points' matrices of `len` values: an odd
-/// number of cache lines, so that the 36 values of one tile (a column of
-/// each) fall in different L1 sets rather than all in one (a multiple of
-/// 4 KiB apart).
-fn skewed(len: usize) -> usize {
-    (len.div_ceil(16) | 1) * 16
 }
 
 /// The 36 gemms `M[xi] = U[xi] V[xi]` for output channels `outs`: V is
