@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Module, Tensor};
 use fovea_model_core::layers::{Activation, Conv2d, ConvSpec, Placement};
 use fovea_model_core::sgemm::{self, Lhs, PackedLhs, PackedRhs, Rhs};
-use fovea_model_core::{cpu_conv, winograd};
+use fovea_model_core::{cpu_conv, cpu_transformer, winograd};
 
 /// (name, batch, in, out, kernel, stride, groups, size, activation)
 // The allocator `fovea` runs with.
@@ -151,6 +151,38 @@ const GEMMS: &[(&str, usize, usize, usize, bool)] = &[
     ("gemm yolo 3x3 32 tile", 32, 512, 288, true),
 ];
 
+/// (name, rows, in, out, activation, residual) of transformer linear
+/// layers: `cpu_transformer::linear` (bias, residual and activation applied
+/// per tile inside the gemm) beside the bare gemm on the same operands, so
+/// the second column pair is the epilogue's floor. The weights are read
+/// from memory, as in a whole model (see `linear_cases`).
+const LINEARS: &[(&str, usize, usize, usize, Activation, bool)] = &[
+    (
+        "linear vit fc1 gelu b1",
+        197,
+        768,
+        3072,
+        Activation::Gelu,
+        false,
+    ),
+    (
+        "linear vit fc2 +res b1",
+        197,
+        3072,
+        768,
+        Activation::None,
+        true,
+    ),
+    (
+        "linear vit fc1 gelu b8",
+        1576,
+        768,
+        3072,
+        Activation::Gelu,
+        false,
+    ),
+];
+
 /// (name, batch, in, out, size) of 3x3 stride-1 layers: Winograd F(4x4,
 /// 3x3) beside the direct kernel on the same input (GFLOP/s counted as the
 /// direct convolution's multiply-adds).
@@ -241,7 +273,7 @@ fn gemm_cases(filter: Option<&String>) {
                 Rhs::Packed,
             );
             // SAFETY: c is m x n and only this call touches it.
-            unsafe { sgemm::matmul(cp as *mut f32, n, lhs, rhs, (m, n, k), false, true) }
+            unsafe { sgemm::matmul(cp as *mut f32, n, lhs, rhs, (m, n, k), false, None, true) }
         });
         let crate_gemm = time(&|| {
             let par = if threads > 1 {
@@ -275,6 +307,58 @@ fn gemm_cases(filter: Option<&String>) {
             }
         });
         print_pair(name, 2.0 * (m * n * k) as f64, ours, crate_gemm);
+    }
+}
+
+fn linear_cases(filter: Option<&String>) {
+    let values = |len: usize, seed: usize| {
+        (0..len)
+            .map(|i| ((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5)
+            .collect::<Vec<_>>()
+    };
+    for &(name, rows, k, n, act, with_residual) in LINEARS {
+        if filter.is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        let (x, wt, bias, residual) = (
+            values(rows * k, 0),
+            values(n * k, 1),
+            values(n, 2),
+            values(rows * n, 3),
+        );
+        // Twelve copies, used in turn: as in a 12-block model, each call's
+        // weights come from memory, not from the cache the last call left.
+        let copies: Vec<PackedRhs> = (0..12)
+            .map(|_| PackedRhs::from_transposed(&wt, k, n))
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let w = || &copies[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % copies.len()];
+        let residual = with_residual.then_some(&residual[..]);
+        let ours = time(&|| {
+            cpu_transformer::linear(&x, w(), &bias, residual, act);
+        });
+        let mut c = vec![0f32; rows * n];
+        let cp = c.as_mut_ptr() as usize;
+        let bare = time(&|| {
+            let lhs = Lhs::Rows {
+                data: &x,
+                stride: k,
+            };
+            // SAFETY: c is rows x n and only this call touches it.
+            unsafe {
+                sgemm::matmul(
+                    cp as *mut f32,
+                    n,
+                    lhs,
+                    Rhs::Packed(w()),
+                    (rows, n, k),
+                    false,
+                    None,
+                    true,
+                )
+            }
+        });
+        print_pair(name, 2.0 * (rows * n * k) as f64, ours, bare);
     }
 }
 
@@ -354,6 +438,11 @@ fn main() -> candle_core::Result<()> {
         "matmul", "Fovea ms", "GFLOP/s", "gemm ms", "GFLOP/s"
     );
     gemm_cases(filter.as_ref());
+    println!(
+        "\n{:24} {:>10} {:>10} {:>10} {:>10}",
+        "linear", "Fovea ms", "GFLOP/s", "bare ms", "GFLOP/s"
+    );
+    linear_cases(filter.as_ref());
     println!(
         "\n{:24} {:>10} {:>10} {:>10} {:>10}",
         "3x3/1", "Winograd", "GFLOP/s", "direct ms", "GFLOP/s"

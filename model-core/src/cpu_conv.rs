@@ -28,7 +28,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::activation::Activation;
+use crate::activation::{finish_row, Activation};
 use crate::sgemm::{self, Lhs, PackedLhs, Rhs, SharedMut};
 
 /// The sizes a convolution reads and writes.
@@ -124,7 +124,7 @@ impl Epilogue<'_> {
         let residual = self
             .residual
             .map(|r| &r[index * row_len + start..][..part.len()]);
-        simd::finish_row(part, bias, residual, self.act);
+        finish_row(part, bias, residual, self.act);
     }
 }
 
@@ -196,7 +196,7 @@ pub fn dense(
                 // for them and outlives the loop.
                 unsafe {
                     let y = dst.get().add(i * per_image + c0);
-                    sgemm::matmul(y, n, lhs, rhs, (o, width, depth), false, false);
+                    sgemm::matmul(y, n, lhs, rhs, (o, width, depth), false, None, false);
                     for c in 0..o {
                         let row = std::slice::from_raw_parts_mut(y.add(c * n), width);
                         epilogue.finish_at(row, i * o + c, c0, n, o);
@@ -222,7 +222,7 @@ pub fn dense(
             // is written whole by the gemm before it is read.
             let y = unsafe {
                 let y = dst.get().add(i * per_image);
-                sgemm::matmul(y, n, lhs, rhs, (o, n, depth), false, true);
+                sgemm::matmul(y, n, lhs, rhs, (o, n, depth), false, None, true);
                 std::slice::from_raw_parts_mut(y, per_image)
             };
             y.par_chunks_mut(n)
@@ -663,7 +663,7 @@ fn depthwise_image(
     if let Some(residual) = epilogue.residual {
         let residual = &residual[index * c * n..][..c * n];
         for (out, res) in y.chunks_exact_mut(n).zip(residual.chunks_exact(n)) {
-            simd::finish_row(out, 0.0, Some(res), epilogue.act);
+            finish_row(out, 0.0, Some(res), epilogue.act);
         }
     }
 }
@@ -757,78 +757,10 @@ fn for_each_chunk(
     }
 }
 
-/// `buf = act(buf)`, in parallel chunks of `chunk` values.
-pub(crate) fn finish_rows(buf: &mut [f32], chunk: usize, act: Activation) {
-    for_each_chunk(buf, chunk, true, |_, part| {
-        simd::finish_row(part, 0.0, None, act)
-    });
-}
-
 mod simd {
     use super::{input_row, ConvGeometry};
-    use crate::activation::Activation;
-    use crate::vmath::{avx2_dispatch, gelu, silu};
-
-    avx2_dispatch! {
-        /// `row = act(row + bias + residual)`.
-        pub fn finish_row(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
-            finish_row_inline(row, bias, residual, act)
-        }
-    }
-
-    #[inline(always)]
-    fn finish_row_inline(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
-        match act {
-            Activation::None => map_row::<Identity>(row, bias, residual),
-            Activation::Relu => map_row::<Relu>(row, bias, residual),
-            Activation::Relu6 => map_row::<Relu6>(row, bias, residual),
-            Activation::Silu => map_row::<Silu>(row, bias, residual),
-            Activation::Gelu => map_row::<Gelu>(row, bias, residual),
-        }
-    }
-
-    /// An activation as a type whose function is always inlined: a closure
-    /// or function item as large as GELU can stay out of line, and the loop
-    /// around the call then does not vectorise.
-    trait Elementwise {
-        fn apply(v: f32) -> f32;
-    }
-
-    macro_rules! elementwise {
-        ($($name:ident: $v:ident => $body:expr;)*) => {$(
-            struct $name;
-            impl Elementwise for $name {
-                #[inline(always)]
-                fn apply($v: f32) -> f32 {
-                    $body
-                }
-            }
-        )*};
-    }
-
-    elementwise! {
-        Identity: v => v;
-        Relu: v => v.max(0.0);
-        Relu6: v => v.clamp(0.0, 6.0);
-        Silu: v => silu(v);
-        Gelu: v => gelu(v);
-    }
-
-    #[inline(always)]
-    fn map_row<F: Elementwise>(row: &mut [f32], bias: f32, residual: Option<&[f32]>) {
-        match residual {
-            Some(r) => {
-                for (y, &r) in row.iter_mut().zip(r) {
-                    *y = F::apply(*y + bias + r);
-                }
-            }
-            None => {
-                for y in row.iter_mut() {
-                    *y = F::apply(*y + bias);
-                }
-            }
-        }
-    }
+    use crate::activation::{finish_row_inline, Activation};
+    use crate::vmath::avx2_dispatch;
 
     avx2_dispatch! {
         /// One output plane (`width` values per row) of a depthwise

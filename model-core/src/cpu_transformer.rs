@@ -6,15 +6,14 @@
 //!   split into `[B, H, N, hd]`), and the context is written straight into the
 //!   `[B, N, H * hd]` rows the output projection reads (no merge). A task
 //!   depends only on its own image, so an answer never depends on batchmates.
-//! - Linear: the output starts as bias (+ residual), Fovea's gemm
-//!   accumulates into it over the weights packed at load time, and the
-//!   activation is applied in a last pass.
+//! - Linear: Fovea's gemm over the weights packed at load time, with bias,
+//!   residual and activation applied to each tile of the output as its sum
+//!   completes ([`sgemm::Finish`]).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::activation::Activation;
-use crate::cpu_conv::finish_rows;
 use crate::sgemm::{self, Lhs, PackedRhs, Rhs, SharedMut};
 use crate::vmath::{avx2_dispatch, exp};
 
@@ -214,28 +213,18 @@ pub fn linear(
     assert_eq!(bias.len(), n, "bias is not [n]");
     let rows = x.len() / k.max(1);
     assert_eq!(x.len(), rows * k, "input is not [rows, k]");
-    let mut out = vec![0f32; rows * n];
-    if out.is_empty() {
-        return out;
-    }
     if let Some(r) = residual {
-        assert_eq!(r.len(), out.len(), "residual is not [rows, n]");
+        assert_eq!(r.len(), rows * n, "residual is not [rows, n]");
     }
-    // Rows per chunk of the elementwise passes: about 64K values.
-    let chunk = n * (65536 / n).max(1);
-    out.par_chunks_mut(chunk).enumerate().for_each(|(i, part)| {
-        for (j, row) in part.chunks_exact_mut(n).enumerate() {
-            row.copy_from_slice(bias);
-            if let Some(r) = residual {
-                let r = &r[(i * chunk / n + j) * n..][..n];
-                for (y, &r) in row.iter_mut().zip(r) {
-                    *y += r;
-                }
-            }
-        }
-    });
+    let mut out = Vec::<f32>::with_capacity(rows * n);
+    let finish = sgemm::Finish {
+        bias,
+        residual: residual.map(|r| (r, n)),
+        act,
+    };
     let lhs = Lhs::Rows { data: x, stride: k };
-    // SAFETY: out is rows x n, initialised, and not shared.
+    // SAFETY: out has room for rows x n values, which the gemm writes
+    // (without reading them first) before it finishes them; it is not shared.
     unsafe {
         sgemm::matmul(
             out.as_mut_ptr(),
@@ -243,12 +232,11 @@ pub fn linear(
             lhs,
             Rhs::Packed(w),
             (rows, n, k),
+            false,
+            Some(&finish),
             true,
-            true,
-        )
-    }
-    if act != Activation::None {
-        finish_rows(&mut out, chunk, act);
+        );
+        out.set_len(rows * n);
     }
     out
 }

@@ -25,6 +25,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::activation::{finish_block, Activation};
+
 /// A raw output pointer shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub(crate) *mut f32);
@@ -217,6 +219,47 @@ pub enum Rhs<'a> {
     },
 }
 
+/// What [`matmul`] does to its output once a column of tiles has its whole
+/// sum, while those tiles are still in L1: `act(sum + bias[column] +
+/// residual)` (a linear layer's epilogue). The output is then written once,
+/// with no pass before the gemm to set the bias and none after it for the
+/// activation.
+#[derive(Debug, Clone, Copy)]
+pub struct Finish<'a> {
+    /// One per column of the output.
+    pub bias: &'a [f32],
+    /// `[m, n]`, rows the given number of values apart.
+    pub residual: Option<(&'a [f32], usize)>,
+    pub act: Activation,
+}
+
+impl Finish<'_> {
+    fn check(&self, m: usize, n: usize) {
+        assert_eq!(self.bias.len(), n, "bias is not one per column");
+        if let Some((data, stride)) = self.residual {
+            check_rows(data.len(), stride, m, n, "residual");
+        }
+    }
+
+    /// Finishes `rows` x `cols` of the output, whose first value is at `c`
+    /// and whose rows are `ldc` apart.
+    ///
+    /// # Safety
+    /// `c` must be valid for reads and writes of that block.
+    unsafe fn apply(&self, c: *mut f32, ldc: usize, rows: Range<usize>, cols: Range<usize>) {
+        let (height, width) = (rows.len(), cols.len());
+        if height == 0 || width == 0 {
+            return;
+        }
+        let block = std::slice::from_raw_parts_mut(c, (height - 1) * ldc + width);
+        let residual = self
+            .residual
+            .map(|(data, stride)| (&data[rows.start * stride + cols.start..], stride));
+        let bias = &self.bias[cols.start..];
+        finish_block(block, ldc, height, width, bias, residual, self.act);
+    }
+}
+
 /// Panics unless a strided `[rows, cols]` matrix fits in `len` values.
 fn check_rows(len: usize, stride: usize, rows: usize, cols: usize, what: &str) {
     assert!(cols <= stride || rows <= 1, "{what}: rows overlap");
@@ -227,8 +270,9 @@ fn check_rows(len: usize, stride: usize, rows: usize, cols: usize, what: &str) {
 }
 
 /// `dst [m, n] = lhs [m, k] x rhs [k, n]`, or `dst += lhs x rhs` when
-/// `accumulate`; rows of `dst` are `dst_stride` apart. With `parallel`, the
-/// work is split across rayon's threads. A packed operand must have exactly the shape given.
+/// `accumulate`, then `finish` if given; rows of `dst` are `dst_stride`
+/// apart. With `parallel`, the work is split across rayon's threads. A
+/// packed operand must have exactly the shape given.
 ///
 /// Without `accumulate`, `dst` is only written, never read first: it may be
 /// uninitialised memory.
@@ -237,6 +281,7 @@ fn check_rows(len: usize, stride: usize, rows: usize, cols: usize, what: &str) {
 /// `dst` must be valid for writes (and, with `accumulate`, reads) of `m`
 /// rows of `n` values `dst_stride` apart, not overlap the operands, and not
 /// be accessed by anything else during the call.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul(
     dst: *mut f32,
     dst_stride: usize,
@@ -244,8 +289,12 @@ pub unsafe fn matmul(
     rhs: Rhs,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
+    finish: Option<&Finish>,
     parallel: bool,
 ) {
+    if let Some(f) = finish {
+        f.check(m, n);
+    }
     match lhs {
         Lhs::Packed(p) => assert_eq!((p.rows(), p.depth()), (m, k), "packed lhs shape"),
         Lhs::Rows { data, stride } => check_rows(data.len(), stride, m, k, "lhs"),
@@ -265,6 +314,7 @@ pub unsafe fn matmul(
         rhs,
         k,
         accumulate,
+        finish,
     };
     let threads = if parallel {
         rayon::current_num_threads()
@@ -318,6 +368,7 @@ struct Job<'a> {
     rhs: Rhs<'a>,
     k: usize,
     accumulate: bool,
+    finish: Option<&'a Finish<'a>>,
 }
 
 // SAFETY: dst is written by disjoint tasks only (see `matmul`); the rest is
@@ -338,6 +389,9 @@ impl Job<'_> {
                 if !self.accumulate {
                     // All-zero bits are 0.0.
                     std::ptr::write_bytes(out, 0, cols.len());
+                }
+                if let Some(f) = self.finish {
+                    f.apply(out, self.ldc, i..i + 1, cols.clone());
                 }
             }
             return;
@@ -376,6 +430,7 @@ impl Job<'_> {
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
                 let add = self.accumulate || pc > 0;
+                let finish = self.finish.filter(|_| pc + kc == k);
                 if let Rhs::Rows { data, stride } = self.rhs {
                     pack_rhs(data, stride, pc..pc + kc, jc..jc + nc, b_buf.as_mut_slice());
                 }
@@ -400,6 +455,12 @@ impl Job<'_> {
                             let c = self.dst.get().add(i0 * ldc + j0);
                             let b = PanelRows(b[..kc * NR].as_ptr());
                             tile(avx2, kc, &a[..kc * MR], b, c, ldc, (h, w), add);
+                        }
+                        // The column of tiles just summed is still in L1;
+                        // finished together, the call's cost is shared.
+                        if let Some(f) = finish {
+                            let c = self.dst.get().add(ic * ldc + j0);
+                            f.apply(c, ldc, ic..ic + mc, j0..j0 + NR.min(cols.end - j0));
                         }
                     }
                 }
@@ -695,32 +756,81 @@ mod tests {
                     stride: ldb,
                 },
             ];
+            let (bias, residual) = (values(n, 4), values(m * (n + 1), 5));
+            let finishes = [
+                None,
+                Some(Finish {
+                    bias: &bias,
+                    residual: Some((&residual, n + 1)),
+                    act: Activation::Relu,
+                }),
+                Some(Finish {
+                    bias: &bias,
+                    residual: None,
+                    act: Activation::Gelu,
+                }),
+            ];
             for (form_a, lhs) in lhs_forms.into_iter().enumerate() {
                 for (form_b, rhs) in rhs_forms.into_iter().enumerate() {
                     for add in [false, true] {
                         for parallel in [false, true] {
-                            let init = values(m * ldc, 3);
-                            let mut want = init.clone();
-                            reference(&a, lda, &b, ldb, &mut want, ldc, (m, n, k), add);
-                            let mut got = init.clone();
-                            // SAFETY: got is m rows of ldc >= n values.
-                            unsafe {
-                                matmul(got.as_mut_ptr(), ldc, lhs, rhs, (m, n, k), add, parallel)
-                            };
-                            for (x, (g, w)) in got.iter().zip(&want).enumerate() {
-                                let tol = 1e-5 * (k as f32).sqrt().max(1.0) * 2.0;
-                                assert!(
-                                    (g - w).abs() <= tol,
-                                    "{m}x{n}x{k} forms {form_a}/{form_b} add {add} par {parallel}: \
-                                     [{x}] {g} vs {w}"
-                                );
-                                if x % ldc >= n {
-                                    assert_eq!(g.to_bits(), init[x].to_bits(), "padding written");
+                            for finish in &finishes {
+                                let init = values(m * ldc, 3);
+                                let mut want = init.clone();
+                                reference(&a, lda, &b, ldb, &mut want, ldc, (m, n, k), add);
+                                if let Some(f) = finish {
+                                    finish_reference(f, &mut want, ldc, (m, n));
+                                }
+                                let mut got = init.clone();
+                                // SAFETY: got is m rows of ldc >= n values.
+                                unsafe {
+                                    matmul(
+                                        got.as_mut_ptr(),
+                                        ldc,
+                                        lhs,
+                                        rhs,
+                                        (m, n, k),
+                                        add,
+                                        finish.as_ref(),
+                                        parallel,
+                                    )
+                                };
+                                for (x, (g, w)) in got.iter().zip(&want).enumerate() {
+                                    let tol = 1e-5 * (k as f32).sqrt().max(1.0) * 2.0;
+                                    assert!(
+                                        (g - w).abs() <= tol,
+                                        "{m}x{n}x{k} forms {form_a}/{form_b} add {add} \
+                                         par {parallel} finish {finish:?}: [{x}] {g} vs {w}"
+                                    );
+                                    if x % ldc >= n {
+                                        assert_eq!(
+                                            g.to_bits(),
+                                            init[x].to_bits(),
+                                            "padding written"
+                                        );
+                                    }
                                 }
                             }
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// `c = act(c + bias + residual)` in f64.
+    fn finish_reference(f: &Finish, c: &mut [f32], ldc: usize, (m, n): (usize, usize)) {
+        for i in 0..m {
+            for j in 0..n {
+                let bias = f.bias[j];
+                let residual = f.residual.map_or(0.0, |(r, stride)| r[i * stride + j]);
+                let y = c[i * ldc + j] as f64 + bias as f64 + residual as f64;
+                c[i * ldc + j] = match f.act {
+                    Activation::None => y,
+                    Activation::Relu => y.max(0.0),
+                    Activation::Gelu => crate::vmath::gelu(y as f32) as f64,
+                    other => unimplemented!("{other:?}"),
+                } as f32;
             }
         }
     }
