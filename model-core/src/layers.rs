@@ -15,7 +15,7 @@ use crate::cpu_conv::{self, ConvGeometry, Epilogue};
 use crate::cpu_transformer;
 use crate::sgemm::{PackedLhs, PackedRhs};
 use crate::weight_map::WeightMap;
-use crate::winograd::{self, WinogradWeights};
+use crate::winograd::{self, LazyWinograd};
 
 /// Where and in what precision a model's weights live.
 #[derive(Debug, Clone)]
@@ -156,9 +156,10 @@ impl ConvSpec {
 enum ConvKernel {
     /// f32 on the CPU, one group: Fovea's own kernel ([`cpu_conv::dense`]),
     /// weights `[O, C * k * k]` packed for the gemm, bias `[O]`; for a 3x3
-    /// at stride 1 also the Winograd form ([`winograd::conv`]), run where
-    /// the input has enough tiles ([`winograd::pays`]).
-    CpuDense(PackedLhs, Arc<[f32]>, Option<Arc<WinogradWeights>>),
+    /// at stride 1 also the Winograd form ([`winograd::conv`]), run (and
+    /// its weights built) where the input has enough tiles
+    /// ([`winograd::pays`]).
+    CpuDense(PackedLhs, Arc<[f32]>, Option<Arc<LazyWinograd>>),
     /// f32 on the CPU, depthwise ([`cpu_conv::depthwise`]): taps
     /// `[k, k, C]` ([`cpu_conv::pack_depthwise`]), bias `[C]`.
     CpuDepthwise(Arc<[f32]>, Arc<[f32]>),
@@ -282,7 +283,7 @@ impl Conv2d {
         let kernel = if cpu_f32 && spec.groups == 1 {
             let w = host_vec(weight)?;
             let winograd = (k == 3 && spec.stride == 1 && spec.dilation == 1 && winograd_enabled())
-                .then(|| Arc::new(WinogradWeights::new(&w, o, c)));
+                .then(Arc::default);
             ConvKernel::CpuDense(PackedLhs::new(&w, o, c * k * k), host_vec(bias)?, winograd)
         } else if cpu_f32 && spec.is_depthwise() {
             let packed = cpu_conv::pack_depthwise(&host_vec(weight)?, o);
@@ -459,8 +460,8 @@ impl Conv2d {
             act: self.act,
         };
         match (&self.kernel, x) {
-            (ConvKernel::CpuDense(_, b, Some(w)), _) if winograd::pays(g) => {
-                winograd::conv(x, g, w, &epilogue(b))
+            (ConvKernel::CpuDense(w, b, Some(lazy)), _) if winograd::pays(g) => {
+                winograd::conv(x, g, lazy.get(w), &epilogue(b))
             }
             (ConvKernel::CpuDense(w, b, _), _) => cpu_conv::dense(x, g, w, &epilogue(b)),
             (ConvKernel::CpuDepthwise(w, b), [x]) => cpu_conv::depthwise(x, g, w, &epilogue(b)),
@@ -1298,6 +1299,38 @@ mod tests {
                 let what = format!("{ci}->{co} k{k} s{s} batch {batch}");
                 assert_close(&got, &want, (k, s) == (3, 1), &what);
             }
+        }
+        Ok(())
+    }
+
+    /// A 3x3 stride-1 layer builds its Winograd filters on the first input
+    /// with enough tiles, not at load time, and not for smaller inputs.
+    #[test]
+    fn winograd_weights_are_built_on_first_use() -> Result<()> {
+        if !winograd_enabled() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 0.1, (8, 8, 3, 3), &dev)?;
+        let bias = Tensor::randn(0f32, 1., 8, &dev)?;
+        let conv = Conv2d::from_folded(
+            &weight,
+            &bias,
+            ConvSpec::new(8, 8, 3, 1),
+            Activation::None,
+            &cpu(),
+        )?;
+        let ConvKernel::CpuDense(_, _, Some(lazy)) = &conv.kernel else {
+            panic!("an f32 3x3 stride-1 layer on the CPU has a Winograd form");
+        };
+        assert!(!lazy.is_built(), "built at load time");
+        for (size, built) in [(7, false), (16, true)] {
+            let x = Tensor::randn(0f32, 1., (2, 8, size, size), &dev)?;
+            let want = x
+                .conv2d(&weight, 1, 1, 1, 1)?
+                .broadcast_add(&bias.reshape((1, 8, 1, 1))?)?;
+            assert_close(&conv.forward(&x)?, &want, built, &format!("{size}px"));
+            assert_eq!(lazy.is_built(), built, "{size}px");
         }
         Ok(())
     }

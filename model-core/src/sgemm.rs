@@ -108,6 +108,17 @@ impl Panels {
     fn panel(&self, index: usize, pc: usize, width: usize) -> &[f32] {
         &self.data.as_slice()[(index * self.k + pc) * width..]
     }
+
+    /// The `[lines, k]` source back, row-major.
+    fn unpack(&self, width: usize) -> Vec<f32> {
+        let data = self.data.as_slice();
+        (0..self.lines * self.k)
+            .map(|x| {
+                let (r, p) = (x / self.k, x % self.k);
+                data[(r / width * self.k + p) * width + r % width]
+            })
+            .collect()
+    }
 }
 
 /// The left operand `[m, k]` in panels of [`MR`] rows. Cheap to clone
@@ -127,6 +138,11 @@ impl PackedLhs {
 
     pub fn depth(&self) -> usize {
         self.0.k
+    }
+
+    /// The `[m, k]` matrix it was packed from.
+    pub fn unpack(&self) -> Vec<f32> {
+        self.0.unpack(MR)
     }
 
     fn panel(&self, ip: usize, pc: usize) -> &[f32] {
@@ -832,6 +848,14 @@ mod tests {
                     other => unimplemented!("{other:?}"),
                 } as f32;
             }
+        }
+    }
+
+    #[test]
+    fn packing_round_trips() {
+        for (m, k) in [(1, 1), (5, 3), (13, 300), (6, 0)] {
+            let a = values(m * k, 7);
+            assert_eq!(PackedLhs::new(&a, m, k).unpack(), a);
         }
     }
 

@@ -3,8 +3,9 @@
 //! comes from a 6x6 block of input with 36 multiplications per (input,
 //! output) channel pair instead of 144.
 //!
-//! - At load time every 3x3 filter `g` becomes `U = G g G^T` (6x6, computed
-//!   in f64), and the 36 matrices `U[xi]` `[O, C]` are packed for the gemm.
+//! - Every 3x3 filter `g` becomes `U = G g G^T` (6x6, computed in f64), and
+//!   the 36 matrices `U[xi]` `[O, C]` are packed for the gemm. A layer does
+//!   this on its first input with enough tiles ([`LazyWinograd`]).
 //! - Per band of tile rows: each 6x6 input block `d` becomes `V = B^T d B`,
 //!   laid out as 36 matrices `[C, tiles]`; 36 gemms `M[xi] = U[xi] V[xi]`
 //!   ([`PackedLhs::tile_from_rows`], reading V in place); each output block
@@ -15,6 +16,8 @@
 //!
 //! Accuracy: the transforms' coefficients (up to 8 and down to 1/24) cost a
 //! few bits over the direct sum; see the tests and the conformance figures.
+
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -73,6 +76,30 @@ impl WinogradWeights {
             out_channels: o,
             in_channels: c,
         }
+    }
+}
+
+/// A layer's [`WinogradWeights`], built from its direct kernel's packed
+/// weights the first time an input has enough tiles ([`pays`]), in the
+/// warm-up pass for a server. A layer whose inputs never do (ResNet-50's
+/// 7x7 stage at 224 pixels) never holds them: the transformed filters are
+/// four times the size of the 3x3 ones.
+#[derive(Debug, Default)]
+pub struct LazyWinograd(OnceLock<WinogradWeights>);
+
+impl LazyWinograd {
+    /// The transformed filters of `direct`, the `[O, C * 9]` weights of a
+    /// 3x3 convolution packed for the direct kernel.
+    pub fn get(&self, direct: &PackedLhs) -> &WinogradWeights {
+        self.0.get_or_init(|| {
+            let (o, depth) = (direct.rows(), direct.depth());
+            WinogradWeights::new(&direct.unpack(), o, depth / 9)
+        })
+    }
+
+    /// Whether the filters have been built.
+    pub fn is_built(&self) -> bool {
+        self.0.get().is_some()
     }
 }
 
