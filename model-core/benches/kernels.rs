@@ -31,6 +31,40 @@ type Case = (
 );
 
 const CASES: &[Case] = &[
+    // Batch 1: one image's gemm split across the threads.
+    (
+        "b1 r50 1x1 512->2048 7px",
+        1,
+        512,
+        2048,
+        1,
+        1,
+        1,
+        7,
+        Activation::Relu,
+    ),
+    (
+        "b1 r50 1x1 256->1024 14px",
+        1,
+        256,
+        1024,
+        1,
+        1,
+        1,
+        14,
+        Activation::Relu,
+    ),
+    (
+        "b1 eff 1x1 24->144 56px",
+        1,
+        24,
+        144,
+        1,
+        1,
+        1,
+        56,
+        Activation::Silu,
+    ),
     ("resnet 3x3 64", 8, 64, 64, 3, 1, 1, 56, Activation::Relu),
     ("resnet 3x3 256", 8, 256, 256, 3, 1, 1, 14, Activation::Relu),
     (
