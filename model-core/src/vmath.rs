@@ -56,6 +56,48 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// [`silu`] on eight lanes with AVX2 and FMA: [`exp`]'s steps, and
+/// `1 / (1 + e^-x)` from the CPU's 12-bit reciprocal refined by two Newton
+/// steps instead of a division, which took as long as all the rest
+/// (`perf`: half of EfficientNet's SiLU epilogues).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn silu8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let set = |v: f32| _mm256_set1_ps(v);
+    let t = _mm256_sub_ps(_mm256_setzero_ps(), x);
+    let t = _mm256_max_ps(_mm256_min_ps(t, set(88.0)), set(-87.0));
+    let n = _mm256_floor_ps(_mm256_fmadd_ps(t, set(std::f32::consts::LOG2_E), set(0.5)));
+    let r = _mm256_fnmadd_ps(n, set(0.693_359_4), t);
+    let r = _mm256_fnmadd_ps(n, set(-2.121_944_4e-4), r);
+    let mut p = set(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, set(c));
+    }
+    let e = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, set(1.0)));
+    let biased = _mm256_castps_si256(_mm256_add_ps(n, set(127.0 + 8_388_608.0)));
+    let scale = _mm256_slli_epi32::<23>(_mm256_sub_epi32(biased, _mm256_set1_epi32(0x4b00_0000)));
+    let d = _mm256_add_ps(set(1.0), _mm256_mul_ps(e, _mm256_castsi256_ps(scale)));
+    // Each Newton step squares the relative error and leaves the result
+    // below 1/d; after one, that bias (up to 1.4e-7) is systematic, and
+    // through a network's layers it showed (yolov5_tiny's scores moved from
+    // 3.6e-5 to 1.7e-4 of scale). After two only the rounding is left.
+    let mut r = _mm256_rcp_ps(d);
+    for _ in 0..2 {
+        r = _mm256_fmadd_ps(r, _mm256_fnmadd_ps(d, r, set(1.0)), r);
+    }
+    _mm256_mul_ps(x, r)
+}
+
 /// erf(x) within 2e-7 (relative below |x| = 1, absolute above): its
 /// Maclaurin series to x^23 below 1, where the series is exact to 1e-9 and
 /// the next form would lose digits to cancellation, and Abramowitz & Stegun
@@ -125,6 +167,41 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert!(silu(-200.0).abs() < 1e-30);
         assert_eq!(silu(200.0), 200.0);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn silu8_is_accurate() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let want = |x: f64| x / (1.0 + (-x).exp());
+        let (mut worst, mut bias, mut count) = (0f64, 0f64, 0);
+        let mut x = -100f32;
+        while x < 100.0 {
+            let lanes: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 0.0011);
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            let got: [f32; 8] = unsafe {
+                use std::arch::x86_64::*;
+                std::mem::transmute(silu8(_mm256_loadu_ps(lanes.as_ptr())))
+            };
+            for (&g, &x) in got.iter().zip(&lanes) {
+                let w = want(x as f64);
+                // Relative, but absolute where SiLU underflows towards 0
+                // (below -87, where the reciprocal flushes it to 0).
+                let e = (g as f64 - w) / w.abs().max(1e-25);
+                worst = worst.max(e.abs());
+                if x.abs() < 80.0 {
+                    bias += e;
+                    count += 1;
+                }
+            }
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst:e}");
+        // A one-sided error adds up through a network's layers.
+        let bias = bias / count as f64;
+        assert!(bias.abs() < 2e-8, "mean relative error {bias:e}");
     }
 
     /// erf in f64: Simpson's rule on `2/sqrt(pi) e^(-t^2)` over `[0, x]`,
