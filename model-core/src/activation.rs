@@ -33,22 +33,10 @@ impl Activation {
     }
 }
 
-/// `row = act(row + bias + residual)`: one bias for the whole row (a
-/// convolution's output channel).
-pub(crate) fn finish_row(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
-    #[cfg(target_arch = "x86_64")]
-    if act == Activation::Silu
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { silu_row_avx2(row, bias, residual) };
-    }
-    finish_row_any(row, bias, residual, act)
-}
-
 avx2_dispatch! {
-    fn finish_row_any(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
+    /// `row = act(row + bias + residual)`: one bias for the whole row (a
+    /// convolution's output channel).
+    pub(crate) fn finish_row(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Activation) {
         finish_row_inline(row, bias, residual, act)
     }
 }
@@ -79,7 +67,10 @@ unsafe fn silu_row_avx2(row: &mut [f32], bias: f32, residual: Option<&[f32]>) {
     if rest > 0 {
         let mut lanes = [0f32; 8];
         for (j, v) in lanes[..rest].iter_mut().enumerate() {
-            *v = row[whole + j] + bias + residual.map_or(0.0, |r| r[whole + j]);
+            *v = row[whole + j] + bias;
+            if let Some(r) = residual {
+                *v += r[whole + j];
+            }
         }
         _mm256_storeu_ps(lanes.as_mut_ptr(), silu8(_mm256_loadu_ps(lanes.as_ptr())));
         row[whole..].copy_from_slice(&lanes[..rest]);
@@ -116,6 +107,8 @@ avx2_dispatch! {
 }
 
 /// [`finish_row`] inlined into a caller that is itself compiled for AVX2.
+/// SiLU goes eight lanes at a time through [`silu8`] where the CPU has
+/// AVX2, whichever kernel's epilogue asks.
 #[inline(always)]
 pub(crate) fn finish_row_inline(
     row: &mut [f32],
@@ -123,6 +116,14 @@ pub(crate) fn finish_row_inline(
     residual: Option<&[f32]>,
     act: Activation,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if act == Activation::Silu
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { silu_row_avx2(row, bias, residual) };
+    }
     match act {
         Activation::None => map_row::<Identity>(row, bias, residual),
         Activation::Relu => map_row::<Relu>(row, bias, residual),

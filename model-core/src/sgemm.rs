@@ -844,8 +844,9 @@ mod tests {
                 c[i * ldc + j] = match f.act {
                     Activation::None => y,
                     Activation::Relu => y.max(0.0),
+                    Activation::Relu6 => y.clamp(0.0, 6.0),
+                    Activation::Silu => y / (1.0 + (-y).exp()),
                     Activation::Gelu => crate::vmath::gelu(y as f32) as f64,
-                    other => unimplemented!("{other:?}"),
                 } as f32;
             }
         }
