@@ -355,10 +355,13 @@ pub unsafe fn matmul(
         job.block(0..m, 0..n);
         return;
     }
-    let per_task = panels.div_ceil(tasks) * unit;
+    // Cut at the panel boundary nearest each task's even share, so that a
+    // last, partial panel (a narrow strip: cheap) goes to a task with a
+    // full one less: 196 columns split 96 + 100, not 112 + 84.
+    let len = if split_rows { m } else { n };
+    let cut = |t: usize| ((2 * t * len + tasks * unit) / (2 * tasks * unit) * unit).min(len);
     (0..tasks).into_par_iter().for_each(|t| {
-        let (lo, len) = (t * per_task, if split_rows { m } else { n });
-        let part = lo.min(len)..(lo + per_task).min(len);
+        let part = cut(t)..if t + 1 == tasks { len } else { cut(t + 1) };
         let (rows, cols) = if split_rows {
             (part, 0..n)
         } else {
@@ -461,22 +464,31 @@ impl Job<'_> {
                             Rhs::Packed(p) => p.panel(j0 / NR, pc),
                             Rhs::Rows { .. } => &b_buf.as_slice()[jp * kc * NR..],
                         };
-                        for ip in 0..mc.div_ceil(MR) {
-                            let i0 = ic + ip * MR;
-                            let a = match self.lhs {
-                                Lhs::Packed(p) => p.panel(i0 / MR, pc),
-                                Lhs::Rows { .. } => &a_buf.as_slice()[ip * kc * MR..],
-                            };
-                            let (h, w) = (MR.min(rows.end - i0), NR.min(cols.end - j0));
-                            let c = self.dst.get().add(i0 * ldc + j0);
-                            let b = PanelRows(b[..kc * NR].as_ptr());
-                            tile(avx2, kc, &a[..kc * MR], b, c, ldc, (h, w), add);
+                        let a_panel = |ip: usize| match self.lhs {
+                            Lhs::Packed(p) => &p.panel(ic / MR + ip, pc)[..kc * MR],
+                            Lhs::Rows { .. } => &a_buf.as_slice()[ip * kc * MR..][..kc * MR],
+                        };
+                        let w = NR.min(cols.end - j0);
+                        let b = &b[..kc * NR];
+                        if avx2 && w <= NARROW_MAX {
+                            // The matrix's last columns: no full tiles of
+                            // padding (49 pixels are 3 tiles and 1 column).
+                            let c = self.dst.get().add(ic * ldc + j0);
+                            narrow_strip(kc, a_panel, mc, b.as_ptr(), c, ldc, w, add);
+                        } else {
+                            for ip in 0..mc.div_ceil(MR) {
+                                let i0 = ic + ip * MR;
+                                let h = MR.min(rows.end - i0);
+                                let c = self.dst.get().add(i0 * ldc + j0);
+                                let b = PanelRows(b.as_ptr());
+                                tile(avx2, kc, a_panel(ip), b, c, ldc, (h, w), add);
+                            }
                         }
                         // The column of tiles just summed is still in L1;
                         // finished together, the call's cost is shared.
                         if let Some(f) = finish {
                             let c = self.dst.get().add(ic * ldc + j0);
-                            f.apply(c, ldc, ic..ic + mc, j0..j0 + NR.min(cols.end - j0));
+                            f.apply(c, ldc, ic..ic + mc, j0..j0 + w);
                         }
                     }
                 }
@@ -664,6 +676,144 @@ unsafe fn kernel_avx2<const H: usize, B: BRows>(
     }
 }
 
+/// Widest last column panel that [`narrow_strip`] computes; a wider one
+/// costs the full tile's twelve FMAs per depth either way.
+const NARROW_MAX: usize = 8;
+
+/// `c[rows, w] (+)= A x b` for the `w < NR` last columns of a matrix over
+/// the `rows` (up to [`MC`]) of one A block, whose panel `ip` is
+/// `a_panel(ip)` (`kc * MR` values): the full tile would spend the FMAs of
+/// 16 columns on them.
+///
+/// # Safety
+/// AVX2 and FMA present; `b` holds `kc` rows of [`NR`] values; `c` holds
+/// `rows` rows of `w` values `ldc` apart.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow_strip<'a>(
+    kc: usize,
+    a_panel: impl Fn(usize) -> &'a [f32],
+    rows: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    w: usize,
+    add: bool,
+) {
+    // Panels per call so that the accumulators (panels x w) number 8 to
+    // 12: enough independent FMA chains to hide their latency.
+    match w {
+        1 => narrow_panels::<1, 12>(kc, &a_panel, rows, b, c, ldc, add),
+        2 => narrow_panels::<2, 6>(kc, &a_panel, rows, b, c, ldc, add),
+        3 => narrow_panels::<3, 4>(kc, &a_panel, rows, b, c, ldc, add),
+        4 => narrow_panels::<4, 3>(kc, &a_panel, rows, b, c, ldc, add),
+        5 => narrow_panels::<5, 2>(kc, &a_panel, rows, b, c, ldc, add),
+        6 => narrow_panels::<6, 2>(kc, &a_panel, rows, b, c, ldc, add),
+        7 => narrow_panels::<7, 1>(kc, &a_panel, rows, b, c, ldc, add),
+        8 => narrow_panels::<8, 1>(kc, &a_panel, rows, b, c, ldc, add),
+        _ => unreachable!("1 to {NARROW_MAX} columns"),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow_strip<'a>(
+    _: usize,
+    _: impl Fn(usize) -> &'a [f32],
+    _: usize,
+    _: *const f32,
+    _: *mut f32,
+    _: usize,
+    _: usize,
+    _: bool,
+) {
+    unreachable!("AVX2 only")
+}
+
+/// [`narrow_strip`] in groups of `P` row panels. The last group repeats
+/// its last panel to fill `P` (those sums are not stored).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn narrow_panels<'a, const W: usize, const P: usize>(
+    kc: usize,
+    a_panel: &impl Fn(usize) -> &'a [f32],
+    rows: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
+    let panels = rows.div_ceil(MR);
+    for first in (0..panels).step_by(P) {
+        let a = std::array::from_fn(|q| a_panel((first + q).min(panels - 1)).as_ptr());
+        let rows = (rows - first * MR).min(P * MR);
+        kernel_narrow_avx2::<W, P>(kc, a, b, c.add(first * MR * ldc), ldc, rows, add);
+    }
+}
+
+/// `P` panels of [`MR`] rows by `W` columns with AVX2 + FMA. A panel's six
+/// rows at one depth are one vector (two lanes unused) and each column of
+/// B a broadcast: per depth, `P` loads, `W` broadcasts and `P * W` FMAs.
+/// Each sum runs over the depth in order from zero, then adds `c`, exactly
+/// like [`kernel_avx2`], so a value does not depend on which kernel (and so
+/// which tiling or batch) computed it.
+///
+/// # Safety
+/// AVX2 and FMA present; each `a[q]` holds `kc * MR` values, `b` `kc` rows
+/// of [`NR`]; `c` holds `rows <= P * MR` rows of `W` values `ldc` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_narrow_avx2<const W: usize, const P: usize>(
+    kc: usize,
+    a: [*const f32; P],
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); W]; P];
+    // One depth: the P panels' six rows (`$load` of 8 lanes), times each of
+    // the W columns of B.
+    macro_rules! step {
+        ($p:expr, $load:expr) => {{
+            let p = $p;
+            let rows: [__m256; P] = std::array::from_fn(|q| $load(a[q].add(p * MR)));
+            for j in 0..W {
+                let x = _mm256_broadcast_ss(&*b.add(p * NR + j));
+                for q in 0..P {
+                    acc[q][j] = _mm256_fmadd_ps(rows[q], x, acc[q][j]);
+                }
+            }
+        }};
+    }
+    // Eight lanes read two values past a depth's six: the next depth's,
+    // or, at the panel's last depth, nothing (masked).
+    for p in 0..kc.saturating_sub(1) {
+        step!(p, |x| _mm256_loadu_ps(x));
+    }
+    if kc > 0 {
+        let mask = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+        step!(kc - 1, |x| _mm256_maskload_ps(x, mask));
+    }
+    let mut lanes = [0f32; 8];
+    for (q, acc) in acc.iter().enumerate() {
+        for (j, &sum) in acc.iter().enumerate() {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+            for (i, &v) in lanes
+                .iter()
+                .enumerate()
+                .take(rows.saturating_sub(q * MR).min(MR))
+            {
+                // Raw writes: without `add`, c may be uninitialised.
+                let d = c.add((q * MR + i) * ldc + j);
+                d.write(if add { d.read() + v } else { v });
+            }
+        }
+    }
+}
+
 /// The register tile in plain Rust (for CPUs without AVX2/FMA).
 ///
 /// # Safety
@@ -848,6 +998,68 @@ mod tests {
                     Activation::Silu => y / (1.0 + (-y).exp()),
                     Activation::Gelu => crate::vmath::gelu(y as f32) as f64,
                 } as f32;
+            }
+        }
+    }
+
+    /// The last columns of a matrix (computed by the narrow kernel when
+    /// fewer than 9) are bit for bit what the full tile gives the same
+    /// columns inside a wider matrix, for every width and row count: a
+    /// value must not depend on the tiling.
+    #[test]
+    fn last_columns_match_the_full_tile_exactly() {
+        let (k, wide) = (300, 2 * NR);
+        for m in [1, 5, 6, 13, 71, 80] {
+            let a = values(m * k, 11);
+            let b = values(k * wide, 12);
+            let lhs = Lhs::Rows {
+                data: &a,
+                stride: k,
+            };
+            let init = values(m * wide, 13);
+            for add in [false, true] {
+                let mut full = init.clone();
+                // SAFETY: full is m rows of `wide` values.
+                unsafe {
+                    let rhs = Rhs::Rows {
+                        data: &b,
+                        stride: wide,
+                    };
+                    matmul(
+                        full.as_mut_ptr(),
+                        wide,
+                        lhs,
+                        rhs,
+                        (m, wide, k),
+                        add,
+                        None,
+                        false,
+                    );
+                }
+                for n in NR + 1..wide {
+                    let mut got = init.clone();
+                    // SAFETY: got is m rows of `wide` >= n values.
+                    unsafe {
+                        let rhs = Rhs::Rows {
+                            data: &b,
+                            stride: wide,
+                        };
+                        matmul(
+                            got.as_mut_ptr(),
+                            wide,
+                            lhs,
+                            rhs,
+                            (m, n, k),
+                            add,
+                            None,
+                            false,
+                        );
+                    }
+                    for (x, (g, f)) in got.iter().zip(&full).enumerate() {
+                        let want = if x % wide < n { f } else { &init[x] };
+                        assert_eq!(g.to_bits(), want.to_bits(), "{m} rows, {n} columns: [{x}]");
+                    }
+                }
             }
         }
     }
