@@ -344,6 +344,58 @@ fn gemm_cases(filter: Option<&String>) {
     }
 }
 
+/// (name, batch, in, out, size, kernel, stride) of layers whose weights
+/// outweigh their input: each timed with its weights coming from memory
+/// (twelve copies used in turn, as in a model) beside the same layer with
+/// one copy left in the cache.
+const WEIGHT_STREAMS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
+    ("cold r50 1x1 512>2048 7px", 1, 512, 2048, 7, 1, 1),
+    ("cold r50 1x1 2048>512 7px", 1, 2048, 512, 7, 1, 1),
+    ("cold r50 1x1 256>1024 14px", 1, 256, 1024, 14, 1, 1),
+    ("cold r50 3x3 512 7px", 1, 512, 512, 7, 3, 1),
+    ("cold r50 3x3/2 512 14px", 1, 512, 512, 14, 3, 2),
+];
+
+fn weight_stream_cases(filter: Option<&String>) {
+    let values = |len: usize, seed: usize| {
+        (0..len)
+            .map(|i| ((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5)
+            .collect::<Vec<_>>()
+    };
+    for &(name, b, c, o, size, k, stride) in WEIGHT_STREAMS {
+        if filter.is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        let (x, w, bias) = (
+            values(b * c * size * size, 0),
+            values(o * c * k * k, 1),
+            values(o, 2),
+        );
+        let g = cpu_conv::ConvGeometry::padded(b, c, (size, size), o, k, stride, k / 2);
+        let epilogue = cpu_conv::Epilogue {
+            bias: &bias,
+            residual: None,
+            act: Activation::Relu,
+        };
+        let copies: Vec<PackedLhs> = (0..12).map(|_| PackedLhs::new(&w, o, c * k * k)).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let cold = time(&|| {
+            let w = &copies[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 12];
+            cpu_conv::dense(&[&x], &g, w, &epilogue);
+        });
+        let warm = time(&|| {
+            cpu_conv::dense(&[&x], &g, &copies[0], &epilogue);
+        });
+        let out = size / stride;
+        print_pair(
+            name,
+            2.0 * (b * o * out * out * c * k * k) as f64,
+            cold,
+            warm,
+        );
+    }
+}
+
 fn linear_cases(filter: Option<&String>) {
     let values = |len: usize, seed: usize| {
         (0..len)
@@ -477,6 +529,11 @@ fn main() -> candle_core::Result<()> {
         "linear", "Fovea ms", "GFLOP/s", "bare ms", "GFLOP/s"
     );
     linear_cases(filter.as_ref());
+    println!(
+        "\n{:24} {:>10} {:>10} {:>10} {:>10}",
+        "weights from memory", "Fovea ms", "GFLOP/s", "cached ms", "GFLOP/s"
+    );
+    weight_stream_cases(filter.as_ref());
     println!(
         "\n{:24} {:>10} {:>10} {:>10} {:>10}",
         "3x3/1", "Winograd", "GFLOP/s", "direct ms", "GFLOP/s"

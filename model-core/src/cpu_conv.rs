@@ -388,6 +388,9 @@ fn dense_direct(
                                 let y = sums[panel * sgemm::MR * positions + p..].as_mut_ptr();
                                 weight.tile_from_rows(
                                     panel,
+                                    // The first tiles read the weights
+                                    // from memory.
+                                    (p == 0).then_some(panel + 1),
                                     depth.clone(),
                                     base.add(p),
                                     offsets,

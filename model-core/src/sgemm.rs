@@ -153,7 +153,8 @@ impl PackedLhs {
     /// `panel * MR` on, `w <= NR` columns, where B's row `p` (for depth
     /// `depth.start + p`) is the `NR` values at `base + offsets[p]`, read in
     /// place (a convolution's taps over a padded image: no column matrix, no
-    /// packing).
+    /// packing). Meanwhile the same depths of panel `fetch` (weights about
+    /// to come from memory) are fetched into the cache.
     ///
     /// # Safety
     /// `base + offsets[p]` is readable for `NR` values (even when `w < NR`)
@@ -163,6 +164,7 @@ impl PackedLhs {
     pub(crate) unsafe fn tile_from_rows(
         &self,
         panel: usize,
+        fetch: Option<usize>,
         depth: Range<usize>,
         base: *const f32,
         offsets: &[usize],
@@ -184,7 +186,10 @@ impl PackedLhs {
             base,
             offsets: offsets.as_ptr(),
         };
-        tile(has_avx2_fma(), kc, a, b, c, ldc, (h, w), add);
+        let next = fetch
+            .filter(|&f| f * MR < self.rows())
+            .map_or(a.as_ptr(), |f| self.panel(f, depth.start).as_ptr());
+        tile(has_avx2_fma(), kc, a, next, b, c, ldc, (h, w), add);
     }
 }
 
@@ -476,12 +481,22 @@ impl Job<'_> {
                             let c = self.dst.get().add(ic * ldc + j0);
                             narrow_strip(kc, a_panel, mc, b.as_ptr(), c, ldc, w, add);
                         } else {
-                            for ip in 0..mc.div_ceil(MR) {
+                            let panels = mc.div_ceil(MR);
+                            for ip in 0..panels {
                                 let i0 = ic + ip * MR;
                                 let h = MR.min(rows.end - i0);
                                 let c = self.dst.get().add(i0 * ldc + j0);
-                                let b = PanelRows(b.as_ptr());
-                                tile(avx2, kc, a_panel(ip), b, c, ldc, (h, w), add);
+                                let (a, b) = (a_panel(ip), PanelRows(b.as_ptr()));
+                                let next = match self.lhs {
+                                    // Weights packed at load time come from
+                                    // memory on the first column of tiles:
+                                    // fetch the next panel during this one.
+                                    Lhs::Packed(p) if jp == 0 && ip + 1 < panels => {
+                                        p.panel(ic / MR + ip + 1, pc).as_ptr()
+                                    }
+                                    _ => a.as_ptr(),
+                                };
+                                tile(avx2, kc, a, next, b, c, ldc, (h, w), add);
                             }
                         }
                         // The column of tiles just summed is still in L1;
@@ -530,13 +545,16 @@ impl BRows for OffsetRows {
     }
 }
 
-/// One register tile: `c[h, w] (+)= a x b` over depth `kc`.
+/// One register tile: `c[h, w] (+)= a x b` over depth `kc`, while the
+/// `kc * MR` values at `next` (the next tile's A panel, or `a` itself) are
+/// fetched into the cache.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tile<B: BRows>(
     avx2: bool,
     kc: usize,
     a: &[f32],
+    next: *const f32,
     b: B,
     c: *mut f32,
     ldc: usize,
@@ -549,12 +567,12 @@ unsafe fn tile<B: BRows>(
         let a = a.as_ptr();
         // SAFETY: the CPU has AVX2 and FMA; c holds h full-width rows.
         match h {
-            MR => return kernel_avx2::<MR, B>(kc, a, b, c, ldc, add),
-            5 => return kernel_avx2::<5, B>(kc, a, b, c, ldc, add),
-            4 => return kernel_avx2::<4, B>(kc, a, b, c, ldc, add),
-            3 => return kernel_avx2::<3, B>(kc, a, b, c, ldc, add),
-            2 => return kernel_avx2::<2, B>(kc, a, b, c, ldc, add),
-            1 => return kernel_avx2::<1, B>(kc, a, b, c, ldc, add),
+            MR => return kernel_avx2::<MR, B>(kc, a, next, b, c, ldc, add),
+            5 => return kernel_avx2::<5, B>(kc, a, next, b, c, ldc, add),
+            4 => return kernel_avx2::<4, B>(kc, a, next, b, c, ldc, add),
+            3 => return kernel_avx2::<3, B>(kc, a, next, b, c, ldc, add),
+            2 => return kernel_avx2::<2, B>(kc, a, next, b, c, ldc, add),
+            1 => return kernel_avx2::<1, B>(kc, a, next, b, c, ldc, add),
             _ => unreachable!("a tile has 1 to {MR} rows"),
         }
     }
@@ -562,7 +580,7 @@ unsafe fn tile<B: BRows>(
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: the CPU has AVX2 and FMA; the caller's c holds the tile.
-            return unsafe { kernel_avx2::<MR, B>(kc, a.as_ptr(), b, c, ldc, add) };
+            return unsafe { kernel_avx2::<MR, B>(kc, a.as_ptr(), next, b, c, ldc, add) };
         }
         let _ = avx2;
         unsafe { kernel_portable(kc, a, b, c, ldc, add) }
@@ -645,6 +663,7 @@ fn pack_lhs(data: &[f32], stride: usize, rows: Range<usize>, depth: Range<usize>
 unsafe fn kernel_avx2<const H: usize, B: BRows>(
     kc: usize,
     a: *const f32,
+    next: *const f32,
     b: B,
     c: *mut f32,
     ldc: usize,
@@ -658,6 +677,8 @@ unsafe fn kernel_avx2<const H: usize, B: BRows>(
         let b0 = _mm256_loadu_ps(row);
         let b1 = _mm256_loadu_ps(row.add(8));
         let ap = a.add(p * MR);
+        // A hint only: any address is allowed.
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * MR) as *const i8);
         for (i, row) in acc.iter_mut().enumerate() {
             let x = _mm256_broadcast_ss(&*ap.add(i));
             row[0] = _mm256_fmadd_ps(x, b0, row[0]);
@@ -1095,6 +1116,7 @@ mod tests {
                     unsafe {
                         packed.tile_from_rows(
                             panel,
+                            Some(panel + 1),
                             depth.clone(),
                             image.as_ptr(),
                             &offsets,
@@ -1143,7 +1165,17 @@ mod tests {
             // SAFETY: AVX2 and FMA checked; the tiles have MR rows of 20 >= NR.
             unsafe {
                 let rows = PanelRows(b.as_ptr());
-                tile(true, kc, &a, rows, fast.as_mut_ptr(), 20, (h, NR), true);
+                tile(
+                    true,
+                    kc,
+                    &a,
+                    a.as_ptr(),
+                    rows,
+                    fast.as_mut_ptr(),
+                    20,
+                    (h, NR),
+                    true,
+                );
                 kernel_portable(kc, &a, rows, slow.as_mut_ptr(), 20, true);
             }
             for (x, (f, s)) in fast.iter().zip(&slow).enumerate() {

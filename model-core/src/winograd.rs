@@ -341,6 +341,7 @@ fn gemms(
                         unsafe {
                             u.tile_from_rows(
                                 panel,
+                                (p == 0).then_some(panel + 1),
                                 depth.clone(),
                                 v[c0 * tp + p..].as_ptr(),
                                 offsets,
