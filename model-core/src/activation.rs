@@ -4,8 +4,6 @@
 
 use candle_core::{Result, Tensor};
 
-#[cfg(target_arch = "x86_64")]
-use crate::vmath::silu8;
 use crate::vmath::{avx2_dispatch, gelu, silu};
 
 /// The activations the supported families use.
@@ -41,40 +39,109 @@ avx2_dispatch! {
     }
 }
 
-/// [`finish_row`] for SiLU, eight values at a time by [`silu8`].
+/// The bias of a row of values: one for all (a convolution's output
+/// channel), or one per value (a linear layer's output features).
+#[derive(Clone, Copy)]
+enum Bias<'a> {
+    Row(f32),
+    Columns(&'a [f32]),
+}
+
+/// An activation with an eight-lane form (`vmath`'s AVX2 functions), which
+/// the compiler does not find from the scalar one.
+#[cfg(target_arch = "x86_64")]
+trait Lanes {
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    unsafe fn apply8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Silu {
+    #[inline(always)]
+    unsafe fn apply8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+        crate::vmath::silu8(x)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Gelu {
+    #[inline(always)]
+    unsafe fn apply8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+        crate::vmath::gelu8(x)
+    }
+}
+
+/// `row = F(row + bias + residual)` eight values at a time.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn silu_row_avx2(row: &mut [f32], bias: f32, residual: Option<&[f32]>) {
+unsafe fn lanes_row_avx2<F: Lanes>(row: &mut [f32], bias: Bias, residual: Option<&[f32]>) {
     use std::arch::x86_64::*;
-    let b = _mm256_set1_ps(bias);
-    let whole = row.len() / 8 * 8;
-    let residual = residual.map(|r| &r[..row.len()]);
+    let len = row.len();
+    let residual = residual.map(|r| &r[..len]);
+    if let Bias::Columns(b) = bias {
+        assert!(b.len() >= len, "a bias per value");
+    }
+    let whole = len / 8 * 8;
     for i in (0..whole).step_by(8) {
         let y = row.as_mut_ptr().add(i);
+        let b = match bias {
+            Bias::Row(b) => _mm256_set1_ps(b),
+            Bias::Columns(b) => _mm256_loadu_ps(b.as_ptr().add(i)),
+        };
         let mut v = _mm256_add_ps(_mm256_loadu_ps(y), b);
         if let Some(r) = residual {
             v = _mm256_add_ps(v, _mm256_loadu_ps(r.as_ptr().add(i)));
         }
-        _mm256_storeu_ps(y, silu8(v));
+        _mm256_storeu_ps(y, F::apply8(v));
     }
     // The rest through the same lanes, so that a value's result never
     // depends on where a row starts or ends (that is, on the tiling, which
     // depends on the batch).
-    let rest = row.len() - whole;
+    let rest = len - whole;
     if rest > 0 {
         let mut lanes = [0f32; 8];
         for (j, v) in lanes[..rest].iter_mut().enumerate() {
-            *v = row[whole + j] + bias;
+            *v = row[whole + j]
+                + match bias {
+                    Bias::Row(b) => b,
+                    Bias::Columns(b) => b[whole + j],
+                };
             if let Some(r) = residual {
                 *v += r[whole + j];
             }
         }
-        _mm256_storeu_ps(lanes.as_mut_ptr(), silu8(_mm256_loadu_ps(lanes.as_ptr())));
+        _mm256_storeu_ps(
+            lanes.as_mut_ptr(),
+            F::apply8(_mm256_loadu_ps(lanes.as_ptr())),
+        );
         row[whole..].copy_from_slice(&lanes[..rest]);
     }
+}
+
+/// Runs `row = act(row + bias + residual)` through the eight-lane form
+/// where `act` has one and the CPU has AVX2; false where it did nothing.
+#[inline(always)]
+fn finish_in_lanes(row: &mut [f32], bias: Bias, residual: Option<&[f32]>, act: Activation) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(act, Activation::Silu | Activation::Gelu)
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU has AVX2 and FMA.
+        unsafe {
+            match act {
+                Activation::Silu => lanes_row_avx2::<Silu>(row, bias, residual),
+                _ => lanes_row_avx2::<Gelu>(row, bias, residual),
+            }
+        }
+        return true;
+    }
+    let _ = (row, bias, residual, act);
+    false
 }
 
 avx2_dispatch! {
@@ -95,6 +162,9 @@ avx2_dispatch! {
         for i in 0..height {
             let row = &mut block[i * stride..][..width];
             let residual = residual.map(|(r, s)| &r[i * s..][..width]);
+            if finish_in_lanes(row, Bias::Columns(bias), residual, act) {
+                continue;
+            }
             match act {
                 Activation::None => map_columns::<Identity>(row, bias, residual),
                 Activation::Relu => map_columns::<Relu>(row, bias, residual),
@@ -107,8 +177,8 @@ avx2_dispatch! {
 }
 
 /// [`finish_row`] inlined into a caller that is itself compiled for AVX2.
-/// SiLU goes eight lanes at a time through [`silu8`] where the CPU has
-/// AVX2, whichever kernel's epilogue asks.
+/// SiLU and GELU go eight lanes at a time (`vmath::silu8`, `gelu8`) where
+/// the CPU has AVX2, whichever kernel's epilogue asks.
 #[inline(always)]
 pub(crate) fn finish_row_inline(
     row: &mut [f32],
@@ -116,13 +186,8 @@ pub(crate) fn finish_row_inline(
     residual: Option<&[f32]>,
     act: Activation,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if act == Activation::Silu
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { silu_row_avx2(row, bias, residual) };
+    if finish_in_lanes(row, Bias::Row(bias), residual, act) {
+        return;
     }
     match act {
         Activation::None => map_row::<Identity>(row, bias, residual),
