@@ -238,11 +238,6 @@ fn winograd_cases(filter: Option<&String>) {
         if filter.is_some_and(|f| !name.contains(f.as_str())) {
             continue;
         }
-        let values = |len: usize, seed: usize| {
-            (0..len)
-                .map(|i| ((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5)
-                .collect::<Vec<_>>()
-        };
         let (x, w, bias) = (
             values(b * c * size * size, 0),
             values(o * c * 9, 1),
@@ -357,11 +352,6 @@ const WEIGHT_STREAMS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 ];
 
 fn weight_stream_cases(filter: Option<&String>) {
-    let values = |len: usize, seed: usize| {
-        (0..len)
-            .map(|i| ((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5)
-            .collect::<Vec<_>>()
-    };
     for &(name, b, c, o, size, k, stride) in WEIGHT_STREAMS {
         if filter.is_some_and(|f| !name.contains(f.as_str())) {
             continue;
@@ -378,30 +368,19 @@ fn weight_stream_cases(filter: Option<&String>) {
             act: Activation::Relu,
         };
         let copies: Vec<PackedLhs> = (0..12).map(|_| PackedLhs::new(&w, o, c * k * k)).collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
+        let w = in_turn(&copies);
         let cold = time(&|| {
-            let w = &copies[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 12];
-            cpu_conv::dense(&[&x], &g, w, &epilogue);
+            cpu_conv::dense(&[&x], &g, w(), &epilogue);
         });
         let warm = time(&|| {
             cpu_conv::dense(&[&x], &g, &copies[0], &epilogue);
         });
-        let out = size / stride;
-        print_pair(
-            name,
-            2.0 * (b * o * out * out * c * k * k) as f64,
-            cold,
-            warm,
-        );
+        let pixels = g.out_height * g.out_width;
+        print_pair(name, 2.0 * (b * o * pixels * c * k * k) as f64, cold, warm);
     }
 }
 
 fn linear_cases(filter: Option<&String>) {
-    let values = |len: usize, seed: usize| {
-        (0..len)
-            .map(|i| ((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5)
-            .collect::<Vec<_>>()
-    };
     for &(name, rows, k, n, act, with_residual) in LINEARS {
         if filter.is_some_and(|f| !name.contains(f.as_str())) {
             continue;
@@ -412,13 +391,11 @@ fn linear_cases(filter: Option<&String>) {
             values(n, 2),
             values(rows * n, 3),
         );
-        // Twelve copies, used in turn: as in a 12-block model, each call's
-        // weights come from memory, not from the cache the last call left.
+        // Twelve copies, as ViT-B/16's twelve blocks.
         let copies: Vec<PackedRhs> = (0..12)
             .map(|_| PackedRhs::from_transposed(&wt, k, n))
             .collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let w = || &copies[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % copies.len()];
+        let w = in_turn(&copies);
         let residual = with_residual.then_some(&residual[..]);
         let ours = time(&|| {
             cpu_transformer::linear(&x, w(), &bias, residual, act);
@@ -446,6 +423,21 @@ fn linear_cases(filter: Option<&String>) {
         });
         print_pair(name, 2.0 * (rows * n * k) as f64, ours, bare);
     }
+}
+
+/// `len` deterministic values in [-0.5, 0.5).
+fn values(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5)
+        .collect()
+}
+
+/// Each call returns the next of `copies`, round and round: as in a model
+/// of that many layers, each call's weights come from memory, not from the
+/// cache the last call left.
+fn in_turn<'a, T>(copies: &'a [T]) -> impl Fn() -> &'a T {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    move || &copies[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % copies.len()]
 }
 
 /// One row: ms and GFLOP/s of Fovea's kernel, then of the other.

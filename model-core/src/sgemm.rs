@@ -709,7 +709,6 @@ const NARROW_MAX: usize = 8;
 /// # Safety
 /// AVX2 and FMA present; `b` holds `kc` rows of [`NR`] values; `c` holds
 /// `rows` rows of `w` values `ldc` apart.
-#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn narrow_strip<'a>(
     kc: usize,
@@ -723,6 +722,7 @@ unsafe fn narrow_strip<'a>(
 ) {
     // Panels per call so that the accumulators (panels x w) number 8 to
     // 12: enough independent FMA chains to hide their latency.
+    #[cfg(target_arch = "x86_64")]
     match w {
         1 => narrow_panels::<1, 12>(kc, &a_panel, rows, b, c, ldc, add),
         2 => narrow_panels::<2, 6>(kc, &a_panel, rows, b, c, ldc, add),
@@ -734,21 +734,11 @@ unsafe fn narrow_strip<'a>(
         8 => narrow_panels::<8, 1>(kc, &a_panel, rows, b, c, ldc, add),
         _ => unreachable!("1 to {NARROW_MAX} columns"),
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn narrow_strip<'a>(
-    _: usize,
-    _: impl Fn(usize) -> &'a [f32],
-    _: usize,
-    _: *const f32,
-    _: *mut f32,
-    _: usize,
-    _: usize,
-    _: bool,
-) {
-    unreachable!("AVX2 only")
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kc, a_panel, rows, b, c, ldc, w, add);
+        unreachable!("called only where the CPU has AVX2")
+    }
 }
 
 /// [`narrow_strip`] in groups of `P` row panels. The last group repeats
@@ -1033,49 +1023,26 @@ mod tests {
         for m in [1, 5, 6, 13, 71, 80] {
             let a = values(m * k, 11);
             let b = values(k * wide, 12);
-            let lhs = Lhs::Rows {
-                data: &a,
-                stride: k,
-            };
             let init = values(m * wide, 13);
             for add in [false, true] {
-                let mut full = init.clone();
-                // SAFETY: full is m rows of `wide` values.
-                unsafe {
+                // The first n columns of a x b into a copy of init.
+                let run = |n: usize| {
+                    let mut c = init.clone();
+                    let lhs = Lhs::Rows {
+                        data: &a,
+                        stride: k,
+                    };
                     let rhs = Rhs::Rows {
                         data: &b,
                         stride: wide,
                     };
-                    matmul(
-                        full.as_mut_ptr(),
-                        wide,
-                        lhs,
-                        rhs,
-                        (m, wide, k),
-                        add,
-                        None,
-                        false,
-                    );
-                }
+                    // SAFETY: c is m rows of `wide` >= n values.
+                    unsafe { matmul(c.as_mut_ptr(), wide, lhs, rhs, (m, n, k), add, None, false) };
+                    c
+                };
+                let full = run(wide);
                 for n in NR + 1..wide {
-                    let mut got = init.clone();
-                    // SAFETY: got is m rows of `wide` >= n values.
-                    unsafe {
-                        let rhs = Rhs::Rows {
-                            data: &b,
-                            stride: wide,
-                        };
-                        matmul(
-                            got.as_mut_ptr(),
-                            wide,
-                            lhs,
-                            rhs,
-                            (m, n, k),
-                            add,
-                            None,
-                            false,
-                        );
-                    }
+                    let got = run(n);
                     for (x, (g, f)) in got.iter().zip(&full).enumerate() {
                         let want = if x % wide < n { f } else { &init[x] };
                         assert_eq!(g.to_bits(), want.to_bits(), "{m} rows, {n} columns: [{x}]");
