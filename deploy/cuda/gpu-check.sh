@@ -3,7 +3,8 @@
 # driver, CUDA 13 libraries and PyTorch but no Rust toolchain and no network.
 #
 #   deploy/cuda/gpu-check.sh [--bin DIR] [--out DIR] [--seconds S] [--device D]
-#                            [--batches B,...] [--models M,...] STAGE...
+#                            [--batches B,...] [--models M,...]
+#                            [--bench-limit S] STAGE...
 #
 # STAGE is any of:
 #   env          the GPU, the driver, and that every library the binaries need
@@ -12,13 +13,19 @@
 #                generators (PyTorch, on the CPU) and runs the device
 #                conformance test on cuda:0 in f32, f16 and bf16: every family
 #                against its reference;
+#   fixtures     only the fixture generation of `conformance`;
 #   bench        server/bench/compare.py on the GPU: Fovea and PyTorch eager,
 #                f32 and bf16, batch 1, 8, 32 and 64, for ResNet-50,
 #                EfficientNet-B0, ViT-B/16, YOLOv8s and DETR-R50; then the
 #                server under HTTP load (ResNet-50, YOLOv8s) with the batch
 #                sizes it formed, read from its own metrics;
-#   all          all three.
+#   all          all three in one call, to fit a short lease: the fixtures are
+#                generated on the upper half of the CPU cores while the bench
+#                runs pinned to the lower half (the fixtures use no GPU), then
+#                the conformance test runs on the GPU alone.
 #
+# --bench-limit S stops the bench after S seconds (its rows so far are kept in
+# bench.log), so that the conformance test after it still runs.
 # --bin: the folder with `fovea` and `device_conformance` (each may be
 # .xz-compressed), by default target/cuda/gpu, where
 # `deploy/cuda/toolkit.sh --tests` leaves them compressed. --out: where the logs and JSON go (default $OUT, else
@@ -35,6 +42,7 @@ seconds=2
 device=cuda:0
 batches=1,8,32,64
 models=resnet50,efficientnet_b0,vit_b16,yolov8s,detr_resnet50
+bench_limit=0
 stages=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -44,9 +52,9 @@ while [[ $# -gt 0 ]]; do
         --device) device="$2"; shift 2 ;;
         --batches) batches="$2"; shift 2 ;;
         --models) models="$2"; shift 2 ;;
+        --bench-limit) bench_limit="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        env|conformance|bench) stages+=("$1"); shift ;;
-        all) stages+=(conformance bench); shift ;;
+        env|fixtures|conformance|bench|all) stages+=("$1"); shift ;;
         *) echo "gpu-check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -83,17 +91,26 @@ fi
 export YOLO_CONFIG_DIR=/tmp/ultralytics YOLO_OFFLINE=1 PYTHONUNBUFFERED=1
 
 # --- conformance ------------------------------------------------------------
-conformance() {
-    local fixtures=/tmp/fovea-full-fixtures gen="$root/model-core/tests/fixtures"
-    log "conformance: generating full-size fixtures"
+fixtures_dir=/tmp/fovea-full-fixtures
+fixtures() {
+    local gen="$root/model-core/tests/fixtures" ok=1
+    log "fixtures: generating the full-size fixtures"
     for g in make_model_fixtures make_vit_fixtures make_detr_fixtures make_yolo_fixtures; do
         local only=()
         [[ $g == make_yolo_fixtures ]] && only=(--only yolov8n_random,yolov8s_random)
-        (cd "$gen" && python3 "$g.py" --full "$fixtures" "${only[@]}") >"$out/$g.log" 2>&1 \
-            || { log "conformance: $g failed (see $g.log)"; status=1; }
+        (cd "$gen" && python3 "$g.py" --full "$fixtures_dir" "${only[@]}") >"$out/$g.log" 2>&1 \
+            || { log "fixtures: $g failed (see $g.log)"; ok=0; }
     done
+    [[ $ok == 1 ]] && touch "$fixtures_dir/.complete"
+    log "fixtures: done"
+    [[ $ok == 1 ]]
+}
+
+generated=0
+conformance() {
+    [[ -e $fixtures_dir/.complete || $generated == 1 ]] || fixtures || status=1
     log "conformance: $device, f32 f16 bf16"
-    FOVEA_TEST_DEVICE="$device" FOVEA_FULL_FIXTURES="$fixtures" \
+    FOVEA_TEST_DEVICE="$device" FOVEA_FULL_FIXTURES="$fixtures_dir" \
         FOVEA_SMALL_FIXTURES="$root/model-core/tests/fixtures/models" \
         "$bin/device_conformance" --exact every_family_matches_on_the_test_device --nocapture \
         >"$out/conformance.log" 2>&1
@@ -106,8 +123,10 @@ conformance() {
 # --- bench ------------------------------------------------------------------
 bench() {
     log "bench: Fovea and PyTorch eager on $device"
-    python3 "$root/server/bench/compare.py" --fovea "$bin/fovea" --device "$device" --dtypes f32,bf16 \
-        --batches "$batches" --no-onnx --seconds "$seconds" --http \
+    local limit=()
+    [[ $bench_limit != 0 ]] && limit=(timeout "$bench_limit")
+    "${limit[@]}" python3 "$root/server/bench/compare.py" --fovea "$bin/fovea" --device "$device" --dtypes f32,bf16 \
+        --batches "$batches" --no-onnx --seconds "$seconds" --threads "$(nproc)" --http \
         --models "$models" \
         --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
     local rc=${PIPESTATUS[0]}
@@ -117,8 +136,25 @@ bench() {
 
 for stage in "${stages[@]}"; do
     case "$stage" in
+        fixtures) fixtures || status=1 ;;
         conformance) conformance ;;
         bench) bench ;;
+        all)
+            # Where the sandbox allows it, pin the two halves apart (taskset
+            # failing only leaves them unpinned).
+            cores=$(nproc) half=$(($(nproc) / 2))
+            (
+                taskset -pc "$half-$((cores - 1))" $BASHPID >/dev/null 2>&1
+                OMP_NUM_THREADS=$((cores - half)) fixtures
+            ) &
+            fixtures_pid=$!
+            taskset -pc "0-$((half - 1))" $$ >/dev/null 2>&1
+            bench
+            wait "$fixtures_pid" || status=1
+            generated=1
+            taskset -pc "0-$((cores - 1))" $$ >/dev/null 2>&1
+            conformance
+            ;;
     esac
 done
 log "done, status $status"
