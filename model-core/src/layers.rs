@@ -383,9 +383,9 @@ impl Conv2d {
         if !crate::profile::enabled() {
             return f();
         }
-        let start = std::time::Instant::now();
+        let start = crate::profile::start();
         let y = f()?;
-        let time = start.elapsed();
+        let time = crate::profile::elapsed(start);
         let (_, o, ho, wo) = y.dims4()?;
         let s = &self.spec;
         let k = s.kernel;

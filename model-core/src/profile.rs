@@ -1,15 +1,21 @@
 //! An opt-in per-layer profile: when enabled, timed layers add their wall
 //! time and arithmetic to a table keyed by what they are (kind and shape), so
 //! `fovea bench --profile` can show where a forward pass spends its time.
-//! Disabled, a timed layer costs one relaxed atomic load.
+//! Disabled, a timed layer costs one relaxed atomic load. On a GPU, where
+//! work is queued and runs later, each timed layer waits for the device
+//! before and after it, so that its time is the time it ran.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use candle_core::Device;
+
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static TABLE: Mutex<Option<HashMap<String, Entry>>> = Mutex::new(None);
+/// The device timed layers wait for: none on the CPU.
+static DEVICE: Mutex<Option<Device>> = Mutex::new(None);
 
 /// The accumulated time of one kind of layer.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -28,6 +34,32 @@ pub fn enable(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// Starts recording layers that run on `device`.
+pub fn enable_on(device: &Device) {
+    *DEVICE.lock().unwrap_or_else(|e| e.into_inner()) = (!device.is_cpu()).then(|| device.clone());
+    enable(true);
+}
+
+/// Waits for the queued work of the device being profiled, if it queues.
+/// A failure to wait shows up in the forward pass itself.
+fn wait_for_device() {
+    if let Some(device) = DEVICE.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let _ = device.synchronize();
+    }
+}
+
+/// The start of a timed layer: after the work queued before it.
+pub fn start() -> Instant {
+    wait_for_device();
+    Instant::now()
+}
+
+/// The time since `start`, once the layer's queued work has run.
+pub fn elapsed(start: Instant) -> Duration {
+    wait_for_device();
+    start.elapsed()
+}
+
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
@@ -37,9 +69,9 @@ pub fn timed<R>(key: impl FnOnce() -> String, flops: u64, f: impl FnOnce() -> R)
     if !enabled() {
         return f();
     }
-    let start = Instant::now();
+    let begun = start();
     let out = f();
-    record(key(), start.elapsed(), flops);
+    record(key(), elapsed(begun), flops);
     out
 }
 

@@ -95,7 +95,7 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
         }
         rows.push(row);
         if args.profile {
-            print_profile(batch, &run)?;
+            print_profile(batch, &model.device, &run)?;
         }
     }
     if args.json {
@@ -110,9 +110,13 @@ fn bench_forward(args: &BenchArgs) -> anyhow::Result<()> {
 
 /// Runs the forward pass 3 times with the per-layer profile on and prints
 /// each kind of layer's share, slowest first.
-fn print_profile(batch: usize, run: &dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
+fn print_profile(
+    batch: usize,
+    device: &Device,
+    run: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     const RUNS: u32 = 3;
-    fovea_model_core::profile::enable(true);
+    fovea_model_core::profile::enable_on(device);
     let start = Instant::now();
     let outcome = (0..RUNS).try_for_each(|_| run());
     let total = start.elapsed().as_secs_f64() / RUNS as f64;
