@@ -15,10 +15,11 @@
 #    LD_LIBRARY_PATH there.
 # 4. Builds `fovea --features cuda` (or cudnn) with deploy/build.sh into its own
 #    target directory (target/cuda), so the CPU build is left alone, and copies
-#    the binary to OUT_DIR (default target/cuda/bin). With --tests, also the
-#    device conformance test (model-core/tests/device_conformance.rs) as
-#    OUT_DIR/device_conformance, and both xz-compressed into target/cuda/gpu
-#    (8 MB in all) for carrying to a GPU machine, where
+#    the binary to OUT_DIR (default target/cuda/bin, with --cudnn
+#    target/cuda/cudnn/bin). With --tests, also the device conformance test
+#    (model-core/tests/device_conformance.rs) as OUT_DIR/device_conformance,
+#    and both xz-compressed into OUT_DIR/../gpu (target/cuda/gpu; 8 MB in all)
+#    for carrying to a GPU machine, where
 #    deploy/cuda/gpu-check.sh runs them.
 #
 # Environment: CUDA_COMPUTE_CAP (default 90: H100/H200, compiled for sm_90a),
@@ -28,7 +29,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 dir="$root/target/cuda-toolkit"
-out="$root/target/cuda/bin"
+out=
 features=cuda
 tests=0
 while [[ $# -gt 0 ]]; do
@@ -42,6 +43,12 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+# The cuDNN build shares the target directory (and candle's compiled
+# kernels) but keeps its binaries apart.
+if [[ -n $out ]]; then :
+elif [[ $features == cudnn ]]; then out="$root/target/cuda/cudnn/bin"
+else out="$root/target/cuda/bin"
+fi
 
 # CUDA 13.0 Update 2, pinned so that every part is from the same release.
 wheels=(
@@ -121,7 +128,7 @@ if [[ $tests == 1 ]]; then
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
     [[ -x $test_bin ]] || { echo "toolkit.sh: no device_conformance test binary" >&2; exit 1; }
     cp "$test_bin" "$out/device_conformance"
-    carry="$root/target/cuda/gpu"
+    carry="$(dirname "$out")/gpu"
     mkdir -p "$carry"
     for f in fovea device_conformance; do xz -T0 -6 -c "$out/$f" >"$carry/$f.xz"; done
     ls -l "$carry"
