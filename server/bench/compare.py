@@ -265,6 +265,8 @@ def bench_http(fovea, spec, seconds, threads, tmp, route, device="cpu", dtype="f
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fovea", default=os.path.join(REPO, "target", "release", "fovea"))
+    ap.add_argument("--fovea-base", help="a second fovea (another build, e.g. without cuDNN) timed on the "
+                    "same weights in the same run: the 'Base' column")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="resnet50,efficientnet_b0")
@@ -297,10 +299,13 @@ def main():
                 torch_run = lambda bs: bench_torch(model, bs, args.seconds, size, args.device, dtype)  # noqa: E731
                 fovea_run = lambda bs: bench_fovea(args.fovea, spec, bs, args.seconds, args.threads,  # noqa: E731
                                                    args.device, dtype)
+                base_run = lambda bs: bench_fovea(args.fovea_base, spec, bs, args.seconds,  # noqa: E731
+                                                  args.threads, args.device, dtype)
                 if on_gpu:
                     # One batch size at a time: one that does not fit leaves the others.
                     torch_run = each_batch(f"{key} PyTorch", torch_run)
                     fovea_run = each_batch(f"{key} Fovea", fovea_run)
+                    base_run = each_batch(f"{key} Fovea base", base_run)
                 row = {"torch": torch_run(batches)}
                 if not args.no_onnx and not on_gpu and dtype == "f32":
                     try:
@@ -308,6 +313,8 @@ def main():
                     except Exception as e:  # noqa: BLE001 - an export failure leaves that column empty
                         print(f"{name}: no ONNX Runtime figure ({type(e).__name__}: {e})", file=sys.stderr)
                 row["fovea"] = fovea_run(batches)
+                if args.fovea_base:
+                    row["fovea_base"] = base_run(batches)
                 results["models"][key] = row
                 print(json.dumps({key: row}), flush=True)
             if args.http and name in ("resnet50", "yolov8n", "yolov8s"):
@@ -317,15 +324,21 @@ def main():
                                                      args.device, dtypes[-1] if on_gpu else "f32")
 
     where = results.get("gpu", f"{args.threads} threads")
+    base = args.fovea_base is not None
     print(f"\nimages/s, {where} (higher is better); ratio = Fovea / other")
-    print(f"{'model':22s} {'batch':>5s} {'Fovea':>8s} {'PyTorch':>8s} {'ORT':>8s} {'/PyTorch':>9s} {'/ORT':>6s}")
+    print(f"{'model':22s} {'batch':>5s} {'Fovea':>8s} {'PyTorch':>8s} {'ORT':>8s} {'/PyTorch':>9s} {'/ORT':>6s}"
+          + (f" {'Base':>8s} {'/Base':>6s}" if base else ""))
+    cell = lambda v, w: f"{v:{w}.2f}" if v else f"{'-':>{w}s}"  # noqa: E731
     for name, row in results["models"].items():
         for b in batches:
             f, t = row["fovea"].get(b), row["torch"].get(b)
             o = row.get("onnxruntime", {}).get(b)
-            cell = lambda v, w: f"{v:{w}.2f}" if v else f"{'-':>{w}s}"  # noqa: E731
-            print(f"{name:22s} {b:5d} {cell(f, 8)} {cell(t, 8)} {cell(o, 8)} "
-                  f"{cell(f and t and f / t, 9)} {cell(f and o and f / o, 6)}")
+            line = (f"{name:22s} {b:5d} {cell(f, 8)} {cell(t, 8)} {cell(o, 8)} "
+                    f"{cell(f and t and f / t, 9)} {cell(f and o and f / o, 6)}")
+            if base:
+                fb = row.get("fovea_base", {}).get(b)
+                line += f" {cell(fb, 8)} {cell(f and fb and f / fb, 6)}"
+            print(line)
     for name in ("resnet50", "yolov8n", "yolov8s"):
         if f"http_{name}" not in results:
             continue
