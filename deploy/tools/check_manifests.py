@@ -254,7 +254,7 @@ def check_docker(deploy):
         check(os.path.isfile(os.path.join(deploy, name + ".dockerignore")), f"{name}: no {name}.dockerignore")
     cuda = open(os.path.join(deploy, "Dockerfile.cuda")).read()
     check("ARG CUDA_COMPUTE_CAP" in cuda and "nvidia/cuda:" in cuda, "Dockerfile.cuda: CUDA_COMPUTE_CAP / nvidia/cuda base")
-    check(re.search(r"ARG FEATURES=cudnn", cuda) is not None, "Dockerfile.cuda: not built with the cudnn feature")
+    check(len(re.findall(r"^ARG FEATURES=cuda$", cuda, re.M)) == 2, "Dockerfile.cuda: deps and build not both on the cuda feature")
     check(re.search(r"FROM nvidia/cuda:\S+-runtime-\S+ AS base", cuda) is not None, "Dockerfile.cuda: runtime not on the CUDA runtime image")
 
 
