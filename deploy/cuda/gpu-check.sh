@@ -21,9 +21,9 @@
 #                server under HTTP load (ResNet-50, YOLOv8s) with the batch
 #                sizes it formed, read from its own metrics;
 #   profile      `fovea bench --profile` of each family at batch 32
-#                (--profile-batch), f32 and
-#                bf16, on the fixtures' weights: where a pass spends its time
-#                on the device, layer by layer (profile-*.txt);
+#                (--profile-batch), f32 and bf16, on the fixtures' weights:
+#                where a pass spends its time on the device, layer by layer
+#                (profiles.txt);
 #   all          all of them in one call, to fit a short lease: the fixtures
 #                are generated on the upper half of the CPU cores while the
 #                bench runs pinned to the lower half (the fixtures use no GPU),
@@ -36,12 +36,13 @@
 # --bench-limit S stops the bench after S seconds (its rows so far are kept in
 # bench.log), so that the conformance test after it still runs.
 # --bin: the folder with `fovea` and `device_conformance` (each may be
-# .xz-compressed), by default target/cuda/gpu, where
-# `deploy/cuda/toolkit.sh --tests` leaves them compressed. --out: where the logs and JSON go (default $OUT, else
-# target/gpu-check). --device cpu (with the CPU build's binaries and small
-# --batches) rehearses the script on a machine without a GPU. Python packages
-# the machine lacks (ultralytics) are installed from the wheels in .whl/ when
-# that folder exists.
+# .xz-compressed), by default target/cuda/gpu, where `deploy/cuda/toolkit.sh
+# --tests` leaves them compressed. --out: where the logs and JSON go (default
+# $OUT, else target/gpu-check); at most 8 files, as some lending tools return
+# no more. --device cpu (with the CPU build's binaries and small --batches)
+# rehearses the script on a machine without a GPU. Python packages the
+# machine lacks (ultralytics) are installed from the wheels in .whl/ when that
+# folder exists.
 set -uo pipefail
 
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -116,8 +117,9 @@ fixtures() {
     for g in make_model_fixtures make_vit_fixtures make_detr_fixtures make_yolo_fixtures; do
         local only=()
         [[ $g == make_yolo_fixtures ]] && only=(--only yolov8n_random,yolov8s_random)
-        (cd "$gen" && python3 "$g.py" --full "$fixtures_dir" "${only[@]}") >"$out/$g.log" 2>&1 \
-            || { log "fixtures: $g failed (see $g.log)"; ok=0; }
+        echo "== $g" >>"$out/fixtures.log"
+        (cd "$gen" && python3 "$g.py" --full "$fixtures_dir" "${only[@]}") >>"$out/fixtures.log" 2>&1 \
+            || { log "fixtures: $g failed (see fixtures.log)"; ok=0; }
     done
     [[ $ok == 1 ]] && touch "$fixtures_dir/.complete"
     log "fixtures: done"
@@ -153,8 +155,9 @@ profile() {
         vit_base_patch16_224:$f/timm_vit_base_patch16_224 yolov8s:$f/yolov8s_random \
         detr_resnet50:$f/detr_resnet_50; do
         for dtype in f32 bf16; do
+            echo "== ${spec%%:*} $dtype" >>"$out/profiles.txt"
             "$bin/fovea" bench --model "$spec/model.safetensors" --device "$device" --dtype "$dtype" \
-                --batch "$profile_batch" --seconds 0.5 --profile >"$out/profile-${spec%%:*}-$dtype.txt" 2>&1 \
+                --batch "$profile_batch" --seconds 0.5 --profile >>"$out/profiles.txt" 2>&1 \
                 || { log "profile: ${spec%%:*} $dtype failed"; status=1; }
         done
     done
