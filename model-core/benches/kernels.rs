@@ -1,7 +1,9 @@
 //! Micro-benchmarks of the CPU convolution kernels on the layer shapes that
 //! dominate the families' profiles (`fovea bench --profile`), beside candle's
 //! own `conv2d` on the same input, and of Fovea's gemm beside the `gemm`
-//! crate (candle's matmul engine): GFLOP/s, higher is better.
+//! crate (candle's matmul engine): GFLOP/s, higher is better. Last, the
+//! CPU work in front of every forward pass: decoding and preprocessing one
+//! photo (`-- preprocess`).
 //!
 //! `cargo bench -p fovea-model-core --bench kernels [-- FILTER]`
 //! (`RAYON_NUM_THREADS` sets the threads; prints figures, asserts nothing.)
@@ -9,7 +11,10 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Module, Tensor};
+use fovea_model_core::image_input::{decode_image, DecodeLimits};
 use fovea_model_core::layers::{Activation, Conv2d, ConvSpec, Placement};
+use fovea_model_core::letterbox::Letterbox;
+use fovea_model_core::preprocess::Preprocess;
 use fovea_model_core::sgemm::{self, Lhs, PackedLhs, PackedRhs, Rhs};
 use fovea_model_core::{cpu_conv, cpu_transformer, winograd};
 
@@ -425,6 +430,41 @@ fn linear_cases(filter: Option<&String>) {
     }
 }
 
+/// One request's CPU work on a 600x400 JPEG (the photo `compare.py --http`
+/// sends): decoding it, then the classifiers' resize and crop to 224 or the
+/// detectors' letterbox to 640, each with the normalisation to f32. On a
+/// GPU this is what stays on the CPU, one thread per image.
+fn preprocess_cases(filter: Option<&String>) {
+    if filter.is_some_and(|f| !"preprocess".contains(f.as_str())) {
+        return;
+    }
+    let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/images/coffee.png");
+    let photo = image::open(photo)
+        .expect("tests/images/coffee.png")
+        .to_rgb8();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode_image(&photo)
+        .expect("JPEG encoding");
+    let limits = DecodeLimits::default();
+    let decoded = decode_image(&jpeg, &limits).expect("decodable").image;
+    let (classify, letterbox) = (Preprocess::torchvision_imagenet(), Letterbox::new(640));
+    let steps: [(&str, &dyn Fn()); 3] = [
+        ("decode 600x400 JPEG", &|| {
+            decode_image(&jpeg, &limits).unwrap();
+        }),
+        ("resize+crop 224", &|| {
+            classify.apply(&decoded).unwrap();
+        }),
+        ("letterbox 640", &|| {
+            letterbox.apply(&decoded);
+        }),
+    ];
+    for (name, step) in steps {
+        println!("{name:24} {:10.2}", time(step).as_secs_f64() * 1e3);
+    }
+}
+
 /// `len` deterministic values in [-0.5, 0.5).
 fn values(len: usize, seed: usize) -> Vec<f32> {
     (0..len)
@@ -531,5 +571,7 @@ fn main() -> candle_core::Result<()> {
         "3x3/1", "Winograd", "GFLOP/s", "direct ms", "GFLOP/s"
     );
     winograd_cases(filter.as_ref());
+    println!("\n{:24} {:>10}", "preprocess", "ms");
+    preprocess_cases(filter.as_ref());
     Ok(())
 }
