@@ -25,6 +25,30 @@ macro_rules! avx2_dispatch {
             generic($($arg),*)
         }
     };
+    // The same for an unsafe function: the caller keeps its contract.
+    ($(#[$meta:meta])* $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis unsafe fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            unsafe fn generic($($arg: $ty),*) $body
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    // SAFETY: the caller keeps `$name`'s contract.
+                    unsafe { generic($($arg),*) }
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` is compiled
+                    // for, and the caller keeps `$name`'s contract.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            // SAFETY: the caller keeps `$name`'s contract.
+            unsafe { generic($($arg),*) }
+        }
+    };
 }
 pub(crate) use avx2_dispatch;
 
