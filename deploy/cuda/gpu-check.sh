@@ -126,9 +126,16 @@ fixtures() {
     [[ $ok == 1 ]]
 }
 
+# The fixtures, unless they are there or were tried in this run already.
 generated=0
+need_fixtures() {
+    [[ -e $fixtures_dir/.complete || $generated == 1 ]] && return
+    generated=1
+    fixtures || status=1
+}
+
 conformance() {
-    [[ -e $fixtures_dir/.complete || $generated == 1 ]] || fixtures || status=1
+    need_fixtures
     test_on_device "$bin" conformance
     [[ -z $base ]] || test_on_device "$base" conformance-base
 }
@@ -148,7 +155,7 @@ test_on_device() {
 
 # --- profile ----------------------------------------------------------------
 profile() {
-    [[ -e $fixtures_dir/.complete || $generated == 1 ]] || fixtures || status=1
+    need_fixtures
     log "profile: $device, batch $profile_batch"
     local f=$fixtures_dir spec dtype
     for spec in resnet50:$f/torchvision_resnet50 efficientnet_b0:$f/timm_efficientnet_b0 \
@@ -188,7 +195,8 @@ for stage in "${stages[@]}"; do
         all)
             # Where the sandbox allows it, pin the two halves apart (taskset
             # failing only leaves them unpinned).
-            cores=$(nproc) half=$(($(nproc) / 2))
+            cores=$(nproc)
+            half=$((cores / 2))
             (
                 taskset -pc "$half-$((cores - 1))" $BASHPID >/dev/null 2>&1
                 OMP_NUM_THREADS=$((cores - half)) fixtures

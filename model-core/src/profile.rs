@@ -28,16 +28,21 @@ pub struct Entry {
 
 /// Starts (or stops) recording; starting clears the table.
 pub fn enable(on: bool) {
-    if on {
-        *TABLE.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
-    }
-    ENABLED.store(on, Ordering::Relaxed);
+    set(on, None);
 }
 
 /// Starts recording layers that run on `device`.
 pub fn enable_on(device: &Device) {
-    *DEVICE.lock().unwrap_or_else(|e| e.into_inner()) = (!device.is_cpu()).then(|| device.clone());
-    enable(true);
+    set(true, (!device.is_cpu()).then(|| device.clone()));
+}
+
+/// The switch, and the device to wait for while on (none once off).
+fn set(on: bool, device: Option<Device>) {
+    *DEVICE.lock().unwrap_or_else(|e| e.into_inner()) = device.filter(|_| on);
+    if on {
+        *TABLE.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
+    }
+    ENABLED.store(on, Ordering::Relaxed);
 }
 
 /// Waits for the queued work of the device being profiled, if it queues.

@@ -254,7 +254,7 @@ impl Plan {
                 // the output of its tiles, which no other task writes.
                 unsafe {
                     self.transform(parts, g, &tiles, 0..c, target, dims, rest);
-                    self.finish(g, w, epilogue, &tiles, 0..o, v, dims.0, dst, rest);
+                    self.finish(g, w, epilogue, &tiles, 0..o, v, dims, dst, rest);
                 }
             });
         });
@@ -307,16 +307,14 @@ impl Plan {
             .into_par_iter()
             .for_each(|task| {
                 let tile_task = task / self.channel_tasks;
-                let (tiles, (point_stride, tp)) = (self.tiles(tile_task), dims[tile_task]);
+                let (tiles, dims) = (self.tiles(tile_task), dims[tile_task]);
                 let first = task % self.channel_tasks * self.channels_per_task;
                 let outs = first..(first + self.channels_per_task).min(g.out_channels);
-                with_scratch(self.finish_scratch(tp, outs.len()), |scratch| {
+                with_scratch(self.finish_scratch(dims.1, outs.len()), |scratch| {
                     let v = &vs[tile_task];
                     // SAFETY: this task writes the output of its tiles in
                     // its output channels, which no other task writes.
-                    unsafe {
-                        self.finish(g, w, epilogue, &tiles, outs, v, point_stride, dst, scratch)
-                    };
+                    unsafe { self.finish(g, w, epilogue, &tiles, outs, v, dims, dst, scratch) };
                 });
             });
     }
@@ -363,31 +361,29 @@ impl Plan {
         scratch: &mut [f32],
     ) {
         let stage = self.stage();
-        {
-            let (phases, rest) = scratch.split_at_mut(stage);
-            let (columns, padded) = rest.split_at_mut(stage);
-            for (image, ty, span, column) in self.rows(tiles) {
-                let planes = parts.iter().flat_map(|part| {
-                    let len = part.len() / g.batch;
-                    part[image * len..][..len].chunks_exact(g.height * g.width)
-                });
-                // The span's input split by column phase: six rows of four
-                // phases of `len + 1` values (a tile reads one value of the
-                // next).
-                let line = TILE * (span.len() + 1);
-                for (ch, plane) in planes.enumerate().take(channels.end).skip(channels.start) {
-                    for i in 0..ALPHA {
-                        let iy = (ty * TILE + i).checked_sub(g.pad_top);
-                        let src = iy
-                            .filter(|&iy| iy < g.height)
-                            .map(|iy| &plane[iy * g.width..][..g.width]);
-                        let out = &mut phases[i * line..][..line];
-                        split_phases(src, g.pad_left, span.start * TILE, padded, out);
-                    }
-                    input_columns(&phases[..ALPHA * line], &mut columns[..ALPHA * line], line);
-                    // SAFETY: channel ch is this call's (see above).
-                    unsafe { input_rows(&columns[..ALPHA * line], v, ch, column, dims) };
+        let (phases, rest) = scratch.split_at_mut(stage);
+        let (columns, padded) = rest.split_at_mut(stage);
+        for (image, ty, span, column) in self.rows(tiles) {
+            let planes = parts.iter().flat_map(|part| {
+                let len = part.len() / g.batch;
+                part[image * len..][..len].chunks_exact(g.height * g.width)
+            });
+            // The span's input split by column phase: six rows of four
+            // phases of `len + 1` values (a tile reads one value of the
+            // next).
+            let line = TILE * (span.len() + 1);
+            for (ch, plane) in planes.enumerate().take(channels.end).skip(channels.start) {
+                for i in 0..ALPHA {
+                    let iy = (ty * TILE + i).checked_sub(g.pad_top);
+                    let src = iy
+                        .filter(|&iy| iy < g.height)
+                        .map(|iy| &plane[iy * g.width..][..g.width]);
+                    let out = &mut phases[i * line..][..line];
+                    split_phases(src, g.pad_left, span.start * TILE, padded, out);
                 }
+                input_columns(&phases[..ALPHA * line], &mut columns[..ALPHA * line], line);
+                // SAFETY: channel ch is this call's (see above).
+                unsafe { input_rows(&columns[..ALPHA * line], v, ch, column, dims) };
             }
         }
     }
@@ -410,7 +406,7 @@ impl Plan {
     }
 
     /// The gemms and output transforms of `tiles` in output channels `outs`
-    /// (starting on a panel), from their V (`vs` values between points).
+    /// (starting on a panel), from their V (`dims` from [`Plan::v_dims`]).
     /// `scratch` holds [`Plan::finish_scratch`] values.
     ///
     /// # Safety
@@ -425,36 +421,33 @@ impl Plan {
         tiles: &std::ops::Range<usize>,
         outs: std::ops::Range<usize>,
         v: &[f32],
-        vs: usize,
+        (vs, tp): (usize, usize),
         dst: SharedMut,
         scratch: &mut [f32],
     ) {
-        let tp = tiles.len().next_multiple_of(sgemm::NR);
         let ms = odd_lines(outs.len() * tp);
-        {
-            let (m, rest) = scratch.split_at_mut(POINTS * ms);
-            let (ends, block) = rest.split_at_mut(self.stage());
-            gemms(w, v, m, &outs, (vs, ms, tp));
-            let n = g.out_height * g.out_width;
-            for (image, ty, span, column) in self.rows(tiles) {
-                let x0 = span.start * TILE;
-                let width = (span.end * TILE).min(g.out_width) - x0;
-                for (k, ch) in outs.clone().enumerate() {
-                    output_tiles(m, k, column, span.len(), (ms, tp), ends, block);
-                    let index = image * g.out_channels + ch;
-                    for r in 0..TILE.min(g.out_height - ty * TILE) {
-                        let start = (ty * TILE + r) * g.out_width + x0;
-                        // SAFETY: these outputs are this task's (see
-                        // `conv`), written whole before the slice over them
-                        // is made.
-                        let out = unsafe {
-                            let at = dst.get().add(index * n + start);
-                            let src = &block[r * TILE * span.len()..][..width];
-                            std::ptr::copy_nonoverlapping(src.as_ptr(), at, width);
-                            std::slice::from_raw_parts_mut(at, width)
-                        };
-                        epilogue.finish_at(out, index, start, n, g.out_channels);
-                    }
+        let (m, rest) = scratch.split_at_mut(POINTS * ms);
+        let (ends, block) = rest.split_at_mut(self.stage());
+        gemms(w, v, m, &outs, (vs, ms, tp));
+        let n = g.out_height * g.out_width;
+        for (image, ty, span, column) in self.rows(tiles) {
+            let x0 = span.start * TILE;
+            let width = (span.end * TILE).min(g.out_width) - x0;
+            for (k, ch) in outs.clone().enumerate() {
+                output_tiles(m, k, column, span.len(), (ms, tp), ends, block);
+                let index = image * g.out_channels + ch;
+                for r in 0..TILE.min(g.out_height - ty * TILE) {
+                    let start = (ty * TILE + r) * g.out_width + x0;
+                    // SAFETY: these outputs are this task's (see
+                    // `conv`), written whole before the slice over them
+                    // is made.
+                    let out = unsafe {
+                        let at = dst.get().add(index * n + start);
+                        let src = &block[r * TILE * span.len()..][..width];
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), at, width);
+                        std::slice::from_raw_parts_mut(at, width)
+                    };
+                    epilogue.finish_at(out, index, start, n, g.out_channels);
                 }
             }
         }
@@ -782,6 +775,13 @@ mod tests {
     use crate::activation::Activation;
     use crate::cpu_conv::reference::dense_at;
 
+    /// `len` deterministic values in [-0.5, 0.5), from `seed` on.
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (seed..seed + len)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5)
+            .collect()
+    }
+
     /// Against the convolution written out in f64: sizes that are and are
     /// not multiples of the tile, paddings 0-2, a concatenation of parts,
     /// depth blocks, channels split across tasks, the epilogue.
@@ -801,11 +801,12 @@ mod tests {
         for (b, c, o, h, w, pad) in cases {
             let g = ConvGeometry::padded(b, c, (h, w), o, 3, 1, pad);
             let (ho, wo) = (g.out_height, g.out_width);
-            let value = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5;
-            let x: Vec<f32> = (0..b * c * h * w).map(value).collect();
-            let weight: Vec<f32> = (0..o * c * 9).map(|i| value(i + 5)).collect();
-            let bias: Vec<f32> = (0..o).map(|i| value(i + 11)).collect();
-            let residual: Vec<f32> = (0..b * o * ho * wo).map(|i| value(i + 17)).collect();
+            let (x, weight, bias) = (
+                values(b * c * h * w, 0),
+                values(o * c * 9, 5),
+                values(o, 11),
+            );
+            let residual = values(b * o * ho * wo, 17);
             // The input as two parts: channels [0, c1) and [c1, c).
             let c1 = c / 3;
             let plane = h * w;
@@ -861,10 +862,11 @@ mod tests {
             (1, 8, 12, 56),
         ] {
             let g = ConvGeometry::padded(b, c, (size, size), o, 3, 1, 1);
-            let value = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5;
-            let x: Vec<f32> = (0..b * c * size * size).map(value).collect();
-            let weight: Vec<f32> = (0..o * c * 9).map(|i| value(i + 5)).collect();
-            let bias: Vec<f32> = (0..o).map(|i| value(i + 11)).collect();
+            let (x, weight, bias) = (
+                values(b * c * size * size, 0),
+                values(o * c * 9, 5),
+                values(o, 11),
+            );
             let weights = WinogradWeights::new(&weight, o, c);
             let epilogue = Epilogue {
                 bias: &bias,
