@@ -187,6 +187,7 @@ const GEMMS: &[(&str, usize, usize, usize, bool)] = &[
     // ResNet-50 convolutions as packed weights x a column tile.
     ("gemm r50 3x3 256 14px", 256, 196, 2304, true),
     ("gemm r50 1x1 1024>256", 256, 784, 1024, true),
+    ("gemm r50 1x1 256>1024 14px", 1024, 196, 256, true),
     ("gemm yolo 3x3 32 tile", 32, 512, 288, true),
 ];
 

@@ -50,6 +50,10 @@ pub const NR: usize = 16;
 const KC: usize = 256;
 /// Rows of A per block: the A block (MC x KC, 72 KiB) stays in L2.
 const MC: usize = 12 * MR;
+/// Rows of A per block when B was packed at load time (weights that come
+/// from memory): the A block (MC_WIDE x KC, 252 KiB) still fits L2, and
+/// each B panel read serves up to 42 tiles instead of 12.
+const MC_WIDE: usize = 42 * MR;
 /// Columns of B per block when B is packed per call (KC x NC, 512 KiB).
 const NC: usize = 32 * NR;
 
@@ -346,6 +350,10 @@ pub unsafe fn matmul(
     // Split the side that is packed per call (each thread then packs only
     // its own part), unless it has too few panels to share out evenly.
     let split_rows = match (lhs, rhs) {
+        // Weights packed at load time, with activations that fit one A
+        // block (ViT-B/16 at batch 1: 197 rows): split the weights, so that
+        // each thread reads only its part of them from memory.
+        (Lhs::Rows { .. }, Rhs::Packed(_)) if m <= MC_WIDE && col_panels >= 4 * threads => false,
         (Lhs::Rows { .. }, Rhs::Packed(_)) => row_panels >= 4 * threads || row_panels >= col_panels,
         (Lhs::Packed(_), Rhs::Rows { .. }) => col_panels < 4 * threads && row_panels > col_panels,
         _ => row_panels >= col_panels,
@@ -380,7 +388,7 @@ pub unsafe fn matmul(
 thread_local! {
     /// Per-thread buffers for the packed A and B blocks, kept across calls.
     static PACK: RefCell<(Aligned, Aligned)> =
-        RefCell::new((Aligned::zeroed(MC * KC), Aligned::zeroed(KC * NC)));
+        RefCell::new((Aligned::zeroed(MC_WIDE * KC), Aligned::zeroed(KC * NC)));
 }
 
 /// One [`matmul`] call's operands and output.
@@ -427,7 +435,7 @@ impl Job<'_> {
             }
             // Re-entered on this thread (rayon work stealing): fresh buffers.
             Err(_) => {
-                let (mut a, mut b) = (Aligned::zeroed(MC * KC), Aligned::zeroed(KC * NC));
+                let (mut a, mut b) = (Aligned::zeroed(MC_WIDE * KC), Aligned::zeroed(KC * NC));
                 self.block_with(rows, cols, &mut a, &mut b)
             }
         })
@@ -449,6 +457,10 @@ impl Job<'_> {
             Rhs::Packed(_) => cols.len(),
             Rhs::Rows { .. } => NC,
         };
+        let mc_block = match self.rhs {
+            Rhs::Packed(_) => MC_WIDE,
+            Rhs::Rows { .. } => MC,
+        };
         for jc in cols.clone().step_by(nc_block) {
             let nc = nc_block.min(cols.end - jc);
             for pc in (0..k).step_by(KC) {
@@ -458,8 +470,8 @@ impl Job<'_> {
                 if let Rhs::Rows { data, stride } = self.rhs {
                     pack_rhs(data, stride, pc..pc + kc, jc..jc + nc, b_buf.as_mut_slice());
                 }
-                for ic in rows.clone().step_by(MC) {
-                    let mc = MC.min(rows.end - ic);
+                for ic in rows.clone().step_by(mc_block) {
+                    let mc = mc_block.min(rows.end - ic);
                     if let Lhs::Rows { data, stride } = self.lhs {
                         pack_lhs(data, stride, ic..ic + mc, pc..pc + kc, a_buf.as_mut_slice());
                     }
@@ -903,6 +915,7 @@ mod tests {
             (13, 33, 257),
             (73, 19, 600),
             (20, 530, 70),
+            (260, 40, 300),
             (150, 40, 0),
         ];
         for &(m, n, k) in &shapes {
