@@ -47,134 +47,127 @@ enum Bias<'a> {
     Columns(&'a [f32]),
 }
 
-/// An activation with an eight-lane form (`vmath`'s AVX2 functions), which
+/// A vector width the lane forms run at: eight lanes with AVX2 and FMA,
+/// sixteen with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+trait Width {
+    const LANES: usize;
+    type V: Copy;
+    /// # Safety (each of these)
+    /// The CPU has the width's features; pointers hold `LANES` values.
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Width for Avx2 {
+    const LANES: usize = 8;
+    type V = std::arch::x86_64::__m256;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::x86_64::_mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        std::arch::x86_64::_mm256_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_add_ps(a, b)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Width for Avx512 {
+    const LANES: usize = 16;
+    type V = std::arch::x86_64::__m512;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::x86_64::_mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        std::arch::x86_64::_mm512_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_add_ps(a, b)
+    }
+}
+
+/// An activation with a form at width `W` (`vmath`'s lane functions), which
 /// the compiler does not find from the scalar one.
 #[cfg(target_arch = "x86_64")]
-trait Lanes {
+trait Lanes<W: Width> {
     /// # Safety
-    /// The CPU has AVX2 and FMA.
-    unsafe fn apply8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256;
+    /// The CPU has the width's features.
+    unsafe fn apply(x: W::V) -> W::V;
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Lanes for Silu {
-    #[inline(always)]
-    unsafe fn apply8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-        crate::vmath::silu8(x)
-    }
+macro_rules! lanes {
+    ($($act:ident at $width:ident: $f:path;)*) => {$(
+        impl Lanes<$width> for $act {
+            #[inline(always)]
+            unsafe fn apply(x: <$width as Width>::V) -> <$width as Width>::V {
+                $f(x)
+            }
+        }
+    )*};
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Lanes for Gelu {
-    #[inline(always)]
-    unsafe fn apply8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-        crate::vmath::gelu8(x)
-    }
+lanes! {
+    Silu at Avx2: crate::vmath::silu8;
+    Gelu at Avx2: crate::vmath::gelu8;
+    Silu at Avx512: crate::vmath::silu16;
+    Gelu at Avx512: crate::vmath::gelu16;
 }
 
-/// `row = F(row + bias + residual)` eight values at a time.
+/// `row = F(row + bias + residual)`, `W::LANES` values at a time.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA.
+/// The CPU has the width's features (the caller is compiled for them).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn lanes_row_avx2<F: Lanes>(row: &mut [f32], bias: Bias, residual: Option<&[f32]>) {
-    use std::arch::x86_64::*;
-    let len = row.len();
+#[inline(always)]
+unsafe fn lanes_row<W: Width, F: Lanes<W>>(row: &mut [f32], bias: Bias, residual: Option<&[f32]>) {
+    let (len, n) = (row.len(), W::LANES);
     let residual = residual.map(|r| &r[..len]);
     if let Bias::Columns(b) = bias {
         assert!(b.len() >= len, "a bias per value");
     }
-    let whole = len / 8 * 8;
-    for i in (0..whole).step_by(8) {
+    let whole = len / n * n;
+    for i in (0..whole).step_by(n) {
         let y = row.as_mut_ptr().add(i);
         let b = match bias {
-            Bias::Row(b) => _mm256_set1_ps(b),
-            Bias::Columns(b) => _mm256_loadu_ps(b.as_ptr().add(i)),
+            Bias::Row(b) => W::splat(b),
+            Bias::Columns(b) => W::load(b.as_ptr().add(i)),
         };
-        let mut v = _mm256_add_ps(_mm256_loadu_ps(y), b);
+        let mut v = W::add(W::load(y), b);
         if let Some(r) = residual {
-            v = _mm256_add_ps(v, _mm256_loadu_ps(r.as_ptr().add(i)));
+            v = W::add(v, W::load(r.as_ptr().add(i)));
         }
-        _mm256_storeu_ps(y, F::apply8(v));
+        W::store(y, F::apply(v));
     }
     // The rest through the same lanes, so that a value's result never
     // depends on where a row starts or ends (that is, on the tiling, which
     // depends on the batch).
-    let rest = len - whole;
-    if rest > 0 {
-        let mut lanes = [0f32; 8];
-        for (j, v) in lanes[..rest].iter_mut().enumerate() {
-            *v = row[whole + j]
-                + match bias {
-                    Bias::Row(b) => b,
-                    Bias::Columns(b) => b[whole + j],
-                };
-            if let Some(r) = residual {
-                *v += r[whole + j];
-            }
-        }
-        _mm256_storeu_ps(
-            lanes.as_mut_ptr(),
-            F::apply8(_mm256_loadu_ps(lanes.as_ptr())),
-        );
-        row[whole..].copy_from_slice(&lanes[..rest]);
-    }
-}
-
-/// An activation with a sixteen-lane form (AVX-512F): on Zen 4 about twice
-/// as fast per value as the eight-lane one (see `vmath::silu16`).
-#[cfg(target_arch = "x86_64")]
-trait Lanes16 {
-    /// # Safety
-    /// The CPU has AVX-512F.
-    unsafe fn apply16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512;
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Lanes16 for Silu {
-    #[inline(always)]
-    unsafe fn apply16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-        crate::vmath::silu16(x)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Lanes16 for Gelu {
-    #[inline(always)]
-    unsafe fn apply16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-        crate::vmath::gelu16(x)
-    }
-}
-
-/// `row = F(row + bias + residual)` sixteen values at a time; the last
-/// values go through the same lanes, padded, so that a value's result does
-/// not depend on where its row starts or ends.
-///
-/// # Safety
-/// The CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn lanes16_row_avx512<F: Lanes16>(row: &mut [f32], bias: Bias, residual: Option<&[f32]>) {
-    use std::arch::x86_64::*;
-    let len = row.len();
-    let residual = residual.map(|r| &r[..len]);
-    if let Bias::Columns(b) = bias {
-        assert!(b.len() >= len, "a bias per value");
-    }
-    let whole = len / 16 * 16;
-    for i in (0..whole).step_by(16) {
-        let y = row.as_mut_ptr().add(i);
-        let b = match bias {
-            Bias::Row(b) => _mm512_set1_ps(b),
-            Bias::Columns(b) => _mm512_loadu_ps(b.as_ptr().add(i)),
-        };
-        let mut v = _mm512_add_ps(_mm512_loadu_ps(y), b);
-        if let Some(r) = residual {
-            v = _mm512_add_ps(v, _mm512_loadu_ps(r.as_ptr().add(i)));
-        }
-        _mm512_storeu_ps(y, F::apply16(v));
-    }
     let rest = len - whole;
     if rest > 0 {
         let mut lanes = [0f32; 16];
@@ -188,17 +181,39 @@ unsafe fn lanes16_row_avx512<F: Lanes16>(row: &mut [f32], bias: Bias, residual: 
                 *v += r[whole + j];
             }
         }
-        _mm512_storeu_ps(
-            lanes.as_mut_ptr(),
-            F::apply16(_mm512_loadu_ps(lanes.as_ptr())),
-        );
+        W::store(lanes.as_mut_ptr(), F::apply(W::load(lanes.as_ptr())));
         row[whole..].copy_from_slice(&lanes[..rest]);
     }
 }
 
-/// Whether SiLU and GELU run in sixteen lanes: where the CPU has AVX-512F, unless
-/// `FOVEA_AVX512=off` (read once), which keeps the eight-lane form, to
-/// compare the two or to match another machine's results bit for bit.
+/// [`lanes_row`] eight values at a time.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lanes_row_avx2<F: Lanes<Avx2>>(row: &mut [f32], bias: Bias, residual: Option<&[f32]>) {
+    lanes_row::<Avx2, F>(row, bias, residual)
+}
+
+/// [`lanes_row`] sixteen values at a time: on Zen 4 about twice as fast per
+/// value as eight (see `vmath::silu16`).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lanes_row_avx512<F: Lanes<Avx512>>(
+    row: &mut [f32],
+    bias: Bias,
+    residual: Option<&[f32]>,
+) {
+    lanes_row::<Avx512, F>(row, bias, residual)
+}
+
+/// Whether SiLU and GELU run in sixteen lanes: where the CPU has AVX-512F,
+/// unless `FOVEA_AVX512=off` (read once), which keeps the eight-lane form,
+/// to compare the two.
 #[cfg(target_arch = "x86_64")]
 fn use_avx512() -> bool {
     static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -217,8 +232,8 @@ fn finish_in_lanes(row: &mut [f32], bias: Bias, residual: Option<&[f32]>, act: A
         // SAFETY: the CPU has AVX-512F.
         unsafe {
             match act {
-                Activation::Silu => lanes16_row_avx512::<Silu>(row, bias, residual),
-                _ => lanes16_row_avx512::<Gelu>(row, bias, residual),
+                Activation::Silu => lanes_row_avx512::<Silu>(row, bias, residual),
+                _ => lanes_row_avx512::<Gelu>(row, bias, residual),
             }
         }
         return true;
@@ -378,8 +393,8 @@ mod tests {
             forms.push(("gelu8", lanes_row_avx2::<Gelu>, gelu));
         }
         if is_x86_feature_detected!("avx512f") {
-            forms.push(("silu16", lanes16_row_avx512::<Silu>, silu));
-            forms.push(("gelu16", lanes16_row_avx512::<Gelu>, gelu));
+            forms.push(("silu16", lanes_row_avx512::<Silu>, silu));
+            forms.push(("gelu16", lanes_row_avx512::<Gelu>, gelu));
         }
         let len = 53;
         let (row, bias, residual) = (values(len, 1), values(len, 2), values(len, 3));

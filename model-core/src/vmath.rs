@@ -52,6 +52,45 @@ macro_rules! avx2_dispatch {
 }
 pub(crate) use avx2_dispatch;
 
+/// [`exp`]'s polynomial in the reduced argument, highest power first.
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// [`erf`]'s Maclaurin series in x^2 (times x), highest power first.
+// The coefficients keep the digits they were derived with.
+#[allow(clippy::excessive_precision)]
+const ERF_SERIES: [f32; 12] = [
+    -1.089_222_1e-9,
+    1.312_253_3e-8,
+    -1.450_385_2e-7,
+    1.458_916_9e-6,
+    -1.322_751_3e-5,
+    1.068_376_1e-4,
+    -7.575_757_6e-4,
+    4.629_629_6e-3,
+    -2.380_952_4e-2,
+    0.1,
+    -0.333_333_34,
+    1.0,
+];
+
+/// [`erf`]'s tail form's polynomial in t (Abramowitz & Stegun 7.1.26),
+/// highest power first.
+#[allow(clippy::excessive_precision)]
+const ERF_TAIL: [f32; 5] = [
+    1.061_405_4,
+    -1.453_152,
+    1.421_413_8,
+    -0.284_496_74,
+    0.254_829_6,
+];
+
 /// e^x within 2 ulp over the f32 range (Cody-Waite reduction and a degree-5
 /// minimax polynomial, the classic single-precision method). Below -87 it
 /// returns e^-87 (1.6e-38) rather than a denormal or zero.
@@ -60,12 +99,7 @@ pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
+    let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| p * r + c);
     let e = p * r * r + r + 1.0;
     // 2^n built in the exponent bits. n + 127 is an integer in 2..=254 here;
     // adding 2^23 puts it in the low mantissa bits, which avoids a
@@ -93,14 +127,8 @@ pub unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     let n = _mm256_floor_ps(_mm256_fmadd_ps(x, set(std::f32::consts::LOG2_E), set(0.5)));
     let r = _mm256_fnmadd_ps(n, set(0.693_359_4), x);
     let r = _mm256_fnmadd_ps(n, set(-2.121_944_4e-4), r);
-    let mut p = set(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
+    let mut p = set(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         p = _mm256_fmadd_ps(p, r, set(c));
     }
     let e = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, set(1.0)));
@@ -150,14 +178,8 @@ pub unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(n);
     let r = _mm512_fnmadd_ps(n, set(0.693_359_4), x);
     let r = _mm512_fnmadd_ps(n, set(-2.121_944_4e-4), r);
-    let mut p = set(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
+    let mut p = set(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         p = _mm512_fmadd_ps(p, r, set(c));
     }
     let e = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, set(1.0)));
@@ -194,8 +216,6 @@ pub unsafe fn silu16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA.
-// The coefficients are erf's, digit for digit.
-#[allow(clippy::excessive_precision)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn gelu8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
@@ -206,26 +226,14 @@ pub unsafe fn gelu8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     let u = _mm256_mul_ps(x, set(std::f32::consts::FRAC_1_SQRT_2));
     let a = _mm256_andnot_ps(sign, u);
     let u2 = _mm256_mul_ps(u, u);
-    let mut s = set(-1.089_222_1e-9);
-    for c in [
-        1.312_253_3e-8,
-        -1.450_385_2e-7,
-        1.458_916_9e-6,
-        -1.322_751_3e-5,
-        1.068_376_1e-4,
-        -7.575_757_6e-4,
-        4.629_629_6e-3,
-        -2.380_952_4e-2,
-        0.1,
-        -0.333_333_34,
-        1.0,
-    ] {
+    let mut s = set(ERF_SERIES[0]);
+    for &c in &ERF_SERIES[1..] {
         s = _mm256_fmadd_ps(s, u2, set(c));
     }
     let series = _mm256_mul_ps(_mm256_mul_ps(set(std::f32::consts::FRAC_2_SQRT_PI), u), s);
     let t = _mm256_div_ps(one, _mm256_fmadd_ps(set(0.327_591_1), a, one));
-    let mut p = set(1.061_405_4);
-    for c in [-1.453_152, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
+    let mut p = set(ERF_TAIL[0]);
+    for &c in &ERF_TAIL[1..] {
         p = _mm256_fmadd_ps(p, t, set(c));
     }
     let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), u2));
@@ -240,8 +248,6 @@ pub unsafe fn gelu8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 ///
 /// # Safety
 /// The CPU has AVX-512F.
-// The coefficients are erf's, digit for digit.
-#[allow(clippy::excessive_precision)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub unsafe fn gelu16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
@@ -251,26 +257,14 @@ pub unsafe fn gelu16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
     let u = _mm512_mul_ps(x, set(std::f32::consts::FRAC_1_SQRT_2));
     let a = _mm512_abs_ps(u);
     let u2 = _mm512_mul_ps(u, u);
-    let mut s = set(-1.089_222_1e-9);
-    for c in [
-        1.312_253_3e-8,
-        -1.450_385_2e-7,
-        1.458_916_9e-6,
-        -1.322_751_3e-5,
-        1.068_376_1e-4,
-        -7.575_757_6e-4,
-        4.629_629_6e-3,
-        -2.380_952_4e-2,
-        0.1,
-        -0.333_333_34,
-        1.0,
-    ] {
+    let mut s = set(ERF_SERIES[0]);
+    for &c in &ERF_SERIES[1..] {
         s = _mm512_fmadd_ps(s, u2, set(c));
     }
     let series = _mm512_mul_ps(_mm512_mul_ps(set(std::f32::consts::FRAC_2_SQRT_PI), u), s);
     let t = _mm512_div_ps(one, _mm512_fmadd_ps(set(0.327_591_1), a, one));
-    let mut p = set(1.061_405_4);
-    for c in [-1.453_152, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
+    let mut p = set(ERF_TAIL[0]);
+    for &c in &ERF_TAIL[1..] {
         p = _mm512_fmadd_ps(p, t, set(c));
     }
     let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), u2));
@@ -287,31 +281,16 @@ pub unsafe fn gelu16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
 /// the next form would lose digits to cancellation, and Abramowitz & Stegun
 /// 7.1.26 (1.5e-7 absolute, the form PyTorch's vectorised CPU `erf` uses)
 /// above. Both are computed and one selected, so that loops vectorise.
-// The coefficients keep the digits they were derived with.
-#[allow(clippy::excessive_precision)]
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let a = x.abs();
     let x2 = x * x;
-    let s = -1.089_222_1e-9;
-    let s = s * x2 + 1.312_253_3e-8;
-    let s = s * x2 - 1.450_385_2e-7;
-    let s = s * x2 + 1.458_916_9e-6;
-    let s = s * x2 - 1.322_751_3e-5;
-    let s = s * x2 + 1.068_376_1e-4;
-    let s = s * x2 - 7.575_757_6e-4;
-    let s = s * x2 + 4.629_629_6e-3;
-    let s = s * x2 - 2.380_952_4e-2;
-    let s = s * x2 + 0.1;
-    let s = s * x2 - 0.333_333_34;
-    let s = s * x2 + 1.0;
+    let s = ERF_SERIES[1..]
+        .iter()
+        .fold(ERF_SERIES[0], |s, &c| s * x2 + c);
     let series = std::f32::consts::FRAC_2_SQRT_PI * x * s;
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let p = 1.061_405_4;
-    let p = p * t - 1.453_152;
-    let p = p * t + 1.421_413_8;
-    let p = p * t - 0.284_496_74;
-    let p = p * t + 0.254_829_6;
+    let p = ERF_TAIL[1..].iter().fold(ERF_TAIL[0], |p, &c| p * t + c);
     let tail = (1.0 - p * t * exp(-x2)).copysign(x);
     if a < 1.0 {
         series
