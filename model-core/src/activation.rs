@@ -170,6 +170,8 @@ unsafe fn lanes_row<W: Width, F: Lanes<W>>(row: &mut [f32], bias: Bias, residual
     // depends on the batch).
     let rest = len - whole;
     if rest > 0 {
+        // Room for the widest form's lanes.
+        const { assert!(W::LANES <= 16) };
         let mut lanes = [0f32; 16];
         for (j, v) in lanes[..rest].iter_mut().enumerate() {
             *v = row[whole + j]
