@@ -18,18 +18,14 @@
 //! - Threads: with enough tiles, each thread computes whole tiles alone (no
 //!   synchronisation inside a layer); otherwise images are taken one at a
 //!   time and the gemm, the column matrix and the epilogue are split across
-//!   the threads. Rayon's pool is sized by `RAYON_NUM_THREADS` or, by
-//!   default, the CPUs this process may use
-//!   (`std::thread::available_parallelism`, which honours the cgroup quota of
-//!   a container).
+//!   the threads of the [`team`](crate::team).
 
 use std::cell::RefCell;
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use crate::activation::{finish_row, Activation};
 use crate::sgemm::{self, Lhs, PackedLhs, Rhs, SharedMut};
+use crate::team;
 
 /// The sizes a convolution reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,12 +164,12 @@ pub fn dense(
         .min(g.out_height);
     let tiles_per_image = g.out_height.div_ceil(tile_rows);
     let tiles = g.batch * tiles_per_image;
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     let dst = SharedMut(out.as_mut_ptr());
 
     if threads == 1 || tiles >= 2 * threads {
         // Enough tiles for every thread: each computes whole tiles alone.
-        (0..tiles).into_par_iter().for_each(|t| {
+        team::for_each(tiles, |t| {
             let (i, oy0) = (t / tiles_per_image, t % tiles_per_image * tile_rows);
             let rows = tile_rows.min(g.out_height - oy0);
             let (c0, width) = (oy0 * g.out_width, rows * g.out_width);
@@ -225,9 +221,7 @@ pub fn dense(
                 sgemm::matmul(y, n, lhs, rhs, (o, n, depth), false, None, true);
                 std::slice::from_raw_parts_mut(y, per_image)
             };
-            y.par_chunks_mut(n)
-                .enumerate()
-                .for_each(|(c, row)| epilogue.finish_at(row, i * o + c, 0, n, o));
+            team::for_each_chunk(y, n, |c, row| epilogue.finish_at(row, i * o + c, 0, n, o));
         }
     }
     // SAFETY: every value was written above.
@@ -311,7 +305,7 @@ fn dense_direct(
     // Rows and columns past the band's own that the taps reach, per phase.
     let reach = (k - 1) * g.dilation / s;
     let wp = g.out_width + reach;
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     // Bands: a window of about TILE_FLOATS / 2.
     let fit = (TILE_FLOATS / 2 / (c * phases * wp))
         .saturating_sub(reach)
@@ -352,7 +346,7 @@ fn dense_direct(
     // Left uninitialised: the epilogue writes every value.
     let mut out = Vec::<f32>::with_capacity(g.batch * o * n);
     let dst = SharedMut(out.as_mut_ptr());
-    (0..g.batch * bands * splits).into_par_iter().for_each(|t| {
+    team::for_each(g.batch * bands * splits, |t| {
         let (t, split) = (t / splits, t % splits);
         let (i, oy0) = (t / bands, t % bands * band);
         let task_panels =
@@ -525,8 +519,7 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
             }
             f(&mut buf[..len])
         }
-        // A thread waiting inside a parallel section can run another
-        // layer's tile (rayon's work stealing) while its buffer is lent.
+        // Re-entered on this thread while its buffer is lent.
         Err(_) => f(&mut vec![0.0; len]),
     })
 }
@@ -582,24 +575,34 @@ fn depthwise_channels_last(
     let per_image = c * n;
     let mut out = vec![0f32; g.batch * per_image];
     let image = |i: usize| &x[i * c * g.in_plane()..][..c * g.in_plane()];
-    let scratch = || (vec![0f32; g.in_plane() * c], vec![0f32; n * c]);
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     let whole = if threads > 1 {
         g.batch / threads * threads
     } else {
         0
     };
-    out[..whole * per_image]
-        .par_chunks_mut(per_image)
-        .enumerate()
-        .for_each_init(scratch, |(xt, yt), (i, y)| {
+    let (x_len, y_len) = (g.in_plane() * c, n * c);
+    team::for_each_chunk(&mut out[..whole * per_image], per_image, |i, y| {
+        with_scratch(x_len + y_len, |scratch| {
+            let (xt, yt) = scratch.split_at_mut(x_len);
             depthwise_image(image(i), g, taps, epilogue, i, (xt, yt, y), false)
-        });
-    let (mut xt, mut yt) = scratch();
-    for i in whole..g.batch {
-        let y = &mut out[i * per_image..][..per_image];
-        depthwise_image(image(i), g, taps, epilogue, i, (&mut xt, &mut yt, y), true);
-    }
+        })
+    });
+    with_scratch(x_len + y_len, |scratch| {
+        let (xt, yt) = scratch.split_at_mut(x_len);
+        for i in whole..g.batch {
+            let y = &mut out[i * per_image..][..per_image];
+            depthwise_image(
+                image(i),
+                g,
+                taps,
+                epilogue,
+                i,
+                (&mut *xt, &mut *yt, y),
+                true,
+            );
+        }
+    });
     out
 }
 
@@ -617,7 +620,7 @@ fn depthwise_planar(x: &[f32], g: &ConvGeometry, taps: &[f32], epilogue: &Epilog
     let plane = wp * hp;
     let offsets: Vec<usize> = (0..k * k).map(|t| tap_offset(t, g, plane, wp)).collect();
     let mut out = vec![0f32; g.batch * c * n];
-    out.par_chunks_mut(n).enumerate().for_each(|(index, y)| {
+    team::for_each_chunk(&mut out, n, |index, y| {
         let channel = index % c;
         let src = &x[index * g.in_plane()..][..g.in_plane()];
         let weights: Vec<f32> = (0..k * k).map(|t| taps[t * c + channel]).collect();
@@ -750,9 +753,7 @@ fn for_each_chunk(
     f: impl Fn(usize, &mut [f32]) + Sync,
 ) {
     if parallel {
-        buf.par_chunks_mut(len)
-            .enumerate()
-            .for_each(|(i, chunk)| f(i, chunk));
+        team::for_each_chunk(buf, len, f);
     } else {
         for (i, chunk) in buf.chunks_mut(len).enumerate() {
             f(i, chunk);

@@ -10,11 +10,13 @@
 //!   residual and activation applied to each tile of the output as its sum
 //!   completes ([`sgemm::Finish`]).
 
+use std::cell::RefCell;
+
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use crate::activation::Activation;
 use crate::sgemm::{self, Lhs, PackedRhs, Rhs, SharedMut};
+use crate::team;
 use crate::vmath::{avx2_dispatch, exp};
 
 /// Sequences of feature rows in a buffer: feature `c` of row `i` of sequence
@@ -52,6 +54,11 @@ impl Rows<'_> {
 /// Scores kept per task: 32K floats (128 KiB) stay in L2 through the softmax
 /// and the second gemm.
 const SCORE_BLOCK_FLOATS: usize = 32 * 1024;
+
+thread_local! {
+    /// One attention task's scores, kept across tasks and calls.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Multi-head scaled dot-product attention over `batch` sequences:
 /// `softmax(q k^T + key_bias) v` per head, with `q` already scaled. `q`, `k`
@@ -118,9 +125,12 @@ pub fn attention(
             );
         }
     };
-    (0..batch * heads * blocks)
-        .into_par_iter()
-        .for_each_init(Vec::new, |scores, t| task(t, scores));
+    team::for_each(batch * heads * blocks, |t| {
+        SCORES.with(|scores| match scores.try_borrow_mut() {
+            Ok(mut scores) => task(t, &mut scores),
+            Err(_) => task(t, &mut Vec::new()),
+        })
+    });
     out
 }
 
@@ -200,6 +210,51 @@ avx2_dispatch! {
     }
 }
 
+/// LayerNorm over rows of `weight.len()` features: `(x - mean) / sqrt(var
+/// + eps) * weight + bias`, with the variance summed over the deviations
+/// from the mean (not as `E[x^2] - mean^2`, which cancels). Rows are spread
+/// over the [`team`].
+pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
+    let dim = weight.len();
+    assert_eq!(bias.len(), dim, "LayerNorm bias and weight differ");
+    assert!(
+        dim > 0 && x.len().is_multiple_of(dim),
+        "input is not whole rows"
+    );
+    let mut out = vec![0f32; x.len()];
+    team::for_each_chunk(&mut out, dim, |row, y| {
+        norm_row(&x[row * dim..][..dim], weight, bias, eps, y)
+    });
+    out
+}
+
+avx2_dispatch! {
+    /// One row of [`layer_norm`].
+    fn norm_row(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
+        let n = x.len() as f32;
+        let mean = lane_sum(x, |v| v) / n;
+        let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
+        let inv_std = 1.0 / (var + eps).sqrt();
+        for ((y, &x), (&w, &b)) in y.iter_mut().zip(x).zip(weight.iter().zip(bias)) {
+            *y = (x - mean) * inv_std * w + b;
+        }
+    }
+}
+
+/// `sum(f(x))` in sixteen independent lanes, so that it vectorises.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `act(x w + bias + residual)` for `x` `[rows, k]` and `w` `[k, n]`, both
 /// row-major; `bias` is `[n]`, `residual` `[rows, n]`. Returns `[rows, n]`.
 pub fn linear(
@@ -254,6 +309,30 @@ mod tests {
                 (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
             })
             .collect()
+    }
+
+    /// Against f64 on rows with a large common offset (where `E[x^2] -
+    /// mean^2` would lose the variance) and on lengths that leave a tail.
+    #[test]
+    fn layer_norm_matches_f64() {
+        for (rows, dim, offset) in [(3, 768, 0.0), (5, 37, 0.0), (4, 256, 10.0), (1, 1, 0.0)] {
+            let x: Vec<f32> = values(rows * dim, 1).iter().map(|v| v + offset).collect();
+            let (w, b) = (values(dim, 2), values(dim, 3));
+            let got = layer_norm(&x, &w, &b, 1e-6);
+            for r in 0..rows {
+                let row: Vec<f64> = x[r * dim..][..dim].iter().map(|&v| v as f64).collect();
+                let mean = row.iter().sum::<f64>() / dim as f64;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / dim as f64;
+                for j in 0..dim {
+                    let want = (row[j] - mean) / (var + 1e-6).sqrt() * w[j] as f64 + b[j] as f64;
+                    let err = (got[r * dim + j] as f64 - want).abs();
+                    assert!(
+                        err <= 2e-6 * (1.0 + want.abs()),
+                        "{rows}x{dim}+{offset} [{r}, {j}]: {err:e}"
+                    );
+                }
+            }
+        }
     }
 
     /// The reference: per image and head, in f64, from the same layout.

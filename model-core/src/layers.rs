@@ -8,12 +8,12 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
-use rayon::prelude::*;
 
 pub use crate::activation::Activation;
 use crate::cpu_conv::{self, ConvGeometry, Epilogue};
 use crate::cpu_transformer;
 use crate::sgemm::{PackedLhs, PackedRhs};
+use crate::team;
 use crate::weight_map::WeightMap;
 use crate::winograd::{self, LazyWinograd};
 
@@ -567,32 +567,72 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, pad: usize) -> Resul
     };
     let y = with_host_f32(x, |x| {
         let mut out = vec![0f32; b * c * ho * wo];
-        out.par_chunks_mut(ho * wo)
-            .zip(x.par_chunks(h * w))
-            // One row-pass buffer per thread's run of planes, not per plane.
-            .for_each_init(
-                || vec![0f32; h * wo],
-                |rows, (out, plane)| {
-                    for (src, dst) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(wo)) {
-                        for (o, d) in dst.iter_mut().enumerate() {
-                            *d = src[window(w, o)]
-                                .iter()
-                                .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+        // Runs of planes, one buffer of column maxima each.
+        let planes = b * c;
+        let run = planes.div_ceil((4 * team::threads()).min(planes).max(1));
+        team::for_each_chunk(&mut out, run * ho * wo, |index, outs| {
+            let mut columns = vec![0f32; w];
+            for (k, out) in outs.chunks_exact_mut(ho * wo).enumerate() {
+                let plane = &x[(index * run + k) * h * w..][..h * w];
+                for (oy, dst) in out.chunks_exact_mut(wo).enumerate() {
+                    // Down the columns over whole rows (contiguous, in
+                    // vectors), then along the row.
+                    columns.fill(f32::NEG_INFINITY);
+                    for src in window(h, oy).map(|r| &plane[r * w..][..w]) {
+                        for (m, &v) in columns.iter_mut().zip(src) {
+                            *m = m.max(v);
                         }
                     }
-                    for (o, dst) in out.chunks_exact_mut(wo).enumerate() {
-                        dst.fill(f32::NEG_INFINITY);
-                        for src in window(h, o).map(|r| &rows[r * wo..][..wo]) {
-                            for (d, &v) in dst.iter_mut().zip(src) {
-                                *d = d.max(v);
+                    match stride {
+                        1 => row_max::<1>(&columns, dst, kernel, pad),
+                        2 => row_max::<2>(&columns, dst, kernel, pad),
+                        _ => {
+                            for (o, d) in dst.iter_mut().enumerate() {
+                                *d = columns[window(w, o)]
+                                    .iter()
+                                    .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
                             }
                         }
                     }
-                },
-            );
+                }
+            }
+        });
         out
     })?;
     Tensor::from_vec(y, (b, c, ho, wo), &Device::Cpu)
+}
+
+/// `dst[o]` = the maximum of `src[o * S - pad ..][..kernel]`, cut at the
+/// row's ends. `S` is a constant so that the strided reads vectorise.
+fn row_max<const S: usize>(src: &[f32], dst: &mut [f32], kernel: usize, pad: usize) {
+    let n = src.len();
+    // Outputs whose windows lie inside the row.
+    let first = pad.div_ceil(S).min(dst.len());
+    let last = if n + pad >= kernel {
+        ((n + pad - kernel) / S + 1).clamp(first, dst.len())
+    } else {
+        first
+    };
+    let cut = |o: usize| {
+        let start = (o * S).saturating_sub(pad);
+        src[start..(o * S + kernel).saturating_sub(pad).min(n)]
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &v| a.max(v))
+    };
+    for o in (0..first).chain(last..dst.len()) {
+        dst[o] = cut(o);
+    }
+    let inside = &mut dst[first..last];
+    if inside.is_empty() {
+        return;
+    }
+    inside.fill(f32::NEG_INFINITY);
+    for tap in 0..kernel {
+        let from = first * S + tap - pad;
+        for (o, d) in inside.iter_mut().enumerate() {
+            *d = d.max(src[from + o * S]);
+        }
+    }
 }
 
 /// Zero-pads the two spatial dimensions; a no-op when all pads are zero.
@@ -1018,7 +1058,16 @@ impl Module for LayerNorm {
         crate::profile::timed(
             || format!("layer_norm {}", self.weight.elem_count()),
             0,
-            || candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps),
+            || {
+                if !is_host_f32(x) {
+                    return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps);
+                }
+                let parts = [x.clone(), self.weight.clone(), self.bias.clone()];
+                let y = with_host_f32_parts(&parts, |p| {
+                    cpu_transformer::layer_norm(p[0], p[1], p[2], self.eps)
+                })?;
+                Tensor::from_vec(y, x.shape(), &Device::Cpu)
+            },
         )
     }
 }
@@ -1044,8 +1093,15 @@ mod tests {
     /// negative values and the two pools the families use.
     #[test]
     fn host_max_pool_matches_candle() -> Result<()> {
-        for (k, s, p) in [(3, 2, 1), (5, 1, 2), (2, 2, 0), (3, 1, 0)] {
-            for (h, w) in [(3, 3), (3, 7), (20, 20), (9, 4), (112, 112)] {
+        for (k, s, p) in [
+            (3, 2, 1),
+            (5, 1, 2),
+            (2, 2, 0),
+            (3, 1, 0),
+            (3, 3, 1),
+            (4, 2, 1),
+        ] {
+            for (h, w) in [(1, 1), (2, 5), (3, 3), (3, 7), (20, 20), (9, 4), (112, 112)] {
                 if h.min(w) + 2 * p < k {
                     continue;
                 }

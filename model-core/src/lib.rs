@@ -21,6 +21,7 @@ pub mod profile;
 pub mod render;
 pub mod resnet;
 pub mod sgemm;
+pub mod team;
 pub mod topk;
 pub mod vit;
 pub mod vmath;

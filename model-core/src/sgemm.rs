@@ -23,9 +23,8 @@ use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use crate::activation::{finish_block, Activation};
+use crate::team;
 
 /// A raw output pointer shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
@@ -296,7 +295,7 @@ fn check_rows(len: usize, stride: usize, rows: usize, cols: usize, what: &str) {
 
 /// `dst [m, n] = lhs [m, k] x rhs [k, n]`, or `dst += lhs x rhs` when
 /// `accumulate`, then `finish` if given; rows of `dst` are `dst_stride`
-/// apart. With `parallel`, the work is split across rayon's threads. A
+/// apart. With `parallel`, the work is split across the [`team`]'s threads. A
 /// packed operand must have exactly the shape given.
 ///
 /// Without `accumulate`, `dst` is only written, never read first: it may be
@@ -341,11 +340,7 @@ pub unsafe fn matmul(
         accumulate,
         finish,
     };
-    let threads = if parallel {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
+    let threads = if parallel { team::threads() } else { 1 };
     let (row_panels, col_panels) = (m.div_ceil(MR), n.div_ceil(NR));
     // Split the side that is packed per call (each thread then packs only
     // its own part), unless it has too few panels to share out evenly.
@@ -373,7 +368,7 @@ pub unsafe fn matmul(
     // full one less: 196 columns split 96 + 100, not 112 + 84.
     let len = if split_rows { m } else { n };
     let cut = |t: usize| ((2 * t * len + tasks * unit) / (2 * tasks * unit) * unit).min(len);
-    (0..tasks).into_par_iter().for_each(|t| {
+    team::for_each(tasks, |t| {
         let part = cut(t)..if t + 1 == tasks { len } else { cut(t + 1) };
         let (rows, cols) = if split_rows {
             (part, 0..n)
@@ -433,7 +428,7 @@ impl Job<'_> {
                 let (a, b) = &mut *bufs;
                 self.block_with(rows, cols, a, b)
             }
-            // Re-entered on this thread (rayon work stealing): fresh buffers.
+            // Re-entered on this thread: fresh buffers.
             Err(_) => {
                 let (mut a, mut b) = (Aligned::zeroed(MC_WIDE * KC), Aligned::zeroed(KC * NC));
                 self.block_with(rows, cols, &mut a, &mut b)

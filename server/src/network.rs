@@ -68,14 +68,6 @@ impl Network {
         if pixel_mask.is_some() && !matches!(self, Network::Detr(_)) {
             bail!("only DETR models take a pixel_mask");
         }
-        on_the_pool(|| self.run_here(pixel_values, pixel_mask))
-    }
-
-    fn run_here(
-        &self,
-        pixel_values: &Tensor,
-        pixel_mask: Option<&Tensor>,
-    ) -> anyhow::Result<Vec<Tensor>> {
         Ok(match self {
             Network::Classifier(m) => vec![m.forward(pixel_values)?],
             Network::Yolo(m) => vec![m.forward(pixel_values)?],
@@ -278,17 +270,6 @@ impl LoadedNetwork {
     }
 }
 
-/// Runs `f` on one of rayon's worker threads, the calling thread waiting.
-/// A CPU forward pass is a few hundred parallel steps (one or more per
-/// layer). Called from outside the pool, each step hands its work to the
-/// pool and puts the caller to sleep until it is done; from a worker, the
-/// step runs there and the other workers, still spinning from the last
-/// step, take their share. ResNet-50 at batch 1: 34,000 -> 8,200 context
-/// switches in a 5 s `fovea bench` (`perf stat -e context-switches`).
-fn on_the_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
-}
-
 /// Is this a YOLO checkpoint (Ultralytics module tree)?
 fn is_yolo(arch: Option<&str>, tensors: &HashMap<String, Tensor>) -> bool {
     match arch {
@@ -453,10 +434,6 @@ pub struct NetworkRunner {
 
 impl NetworkRunner {
     pub fn forward(&self, images: &[ModelInput]) -> anyhow::Result<Vec<Vec<f32>>> {
-        on_the_pool(|| self.forward_here(images))
-    }
-
-    fn forward_here(&self, images: &[ModelInput]) -> anyhow::Result<Vec<Vec<f32>>> {
         let Some(first) = images.first() else {
             return Ok(Vec::new());
         };
