@@ -24,7 +24,7 @@
 use std::any::Any;
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,8 @@ pub struct Team {
     /// Helpers still inside the running step.
     pending: AtomicUsize,
     sleepers: AtomicUsize,
+    /// Set by [`Team::rest`]: helpers stop spinning and sleep.
+    resting: AtomicBool,
     sleep: Mutex<()>,
     wake: Condvar,
     spin: Duration,
@@ -91,6 +93,7 @@ impl Team {
             step: AtomicPtr::new(std::ptr::null_mut()),
             pending: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
+            resting: AtomicBool::new(false),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
             spin,
@@ -127,6 +130,7 @@ impl Team {
             panic: Mutex::new(None),
         };
         self.pending.store(self.helpers, Ordering::Relaxed);
+        self.resting.store(false, Ordering::Relaxed);
         // SAFETY (lifetime): the helpers reach the step only through this
         // pointer, and it is not returned from until all have left it
         // (`pending` at 0), also when a task panics.
@@ -150,6 +154,14 @@ impl Team {
         if let Some(payload) = step.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
             panic::resume_unwind(payload);
         }
+    }
+
+    /// Lets the helpers sleep now instead of spinning out their budget: for
+    /// a caller that knows no step follows soon, such as the end of a
+    /// forward pass, so that the CPUs go to the server's other work (a
+    /// request's decoding) in the meantime. The next step wakes them.
+    pub fn rest(&self) {
+        self.resting.store(true, Ordering::Relaxed);
     }
 
     /// A helper's life: wait for a step, take its tasks, tell the leader.
@@ -178,7 +190,9 @@ impl Team {
             }
             std::hint::spin_loop();
             rounds += 1;
-            if rounds.is_multiple_of(256) && started.elapsed() >= self.spin {
+            if rounds.is_multiple_of(256)
+                && (self.resting.load(Ordering::Relaxed) || started.elapsed() >= self.spin)
+            {
                 break;
             }
         }
@@ -229,11 +243,13 @@ pub fn spin_budget() -> Duration {
     Duration::from_micros(micros)
 }
 
+/// The process's team, once a step has started it.
+static GLOBAL: OnceLock<&'static Team> = OnceLock::new();
+
 /// The team this thread's steps run on: the one [`with_team`] put in
 /// place, or else the process's, started on first use with as many threads
 /// as rayon's global pool.
 pub fn current() -> &'static Team {
-    static GLOBAL: OnceLock<&'static Team> = OnceLock::new();
     CHOSEN.get().unwrap_or_else(|| {
         *GLOBAL.get_or_init(|| Team::new(rayon::current_num_threads(), spin_budget()))
     })
@@ -251,6 +267,14 @@ pub fn with_team<R>(team: &'static Team, f: impl FnOnce() -> R) -> R {
 /// Threads that take part in a step of the [`current`] team.
 pub fn threads() -> usize {
     current().threads()
+}
+
+/// [`Team::rest`] on the [`current`] team, if one has started (a GPU
+/// model's passes start none).
+pub fn rest() {
+    if let Some(team) = CHOSEN.get().or_else(|| GLOBAL.get().copied()) {
+        team.rest()
+    }
 }
 
 /// [`Team::for_each`] on the [`current`] team.
@@ -332,6 +356,30 @@ mod tests {
             helper_ran.load(Ordering::Relaxed) > 0,
             "the helper never took a task"
         );
+    }
+
+    #[test]
+    fn resting_helpers_sleep_at_once_and_wake_for_the_next_step() {
+        // A spin budget far longer than the test: only `rest` sends the
+        // helper to sleep.
+        let team = Team::new(2, Duration::from_secs(3600));
+        let count = AtomicU64::new(0);
+        team.for_each(4, |_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        team.rest();
+        let asked = Instant::now();
+        while team.sleepers.load(Ordering::SeqCst) == 0 {
+            assert!(
+                asked.elapsed() < Duration::from_secs(10),
+                "the helper kept spinning"
+            );
+            std::thread::yield_now();
+        }
+        team.for_each(4, |_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 8);
     }
 
     #[test]
