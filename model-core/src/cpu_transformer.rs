@@ -10,11 +10,10 @@
 //!   residual and activation applied to each tile of the output as its sum
 //!   completes ([`sgemm::Finish`]).
 
-use std::cell::RefCell;
-
 use gemm::Parallelism;
 
 use crate::activation::Activation;
+use crate::cpu_conv::with_scratch;
 use crate::sgemm::{self, Lhs, PackedRhs, Rhs, SharedMut};
 use crate::team;
 use crate::vmath::{avx2_dispatch, exp};
@@ -55,11 +54,6 @@ impl Rows<'_> {
 /// and the second gemm.
 const SCORE_BLOCK_FLOATS: usize = 32 * 1024;
 
-thread_local! {
-    /// One attention task's scores, kept across tasks and calls.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// Multi-head scaled dot-product attention over `batch` sequences:
 /// `softmax(q k^T + key_bias) v` per head, with `q` already scaled. `q`, `k`
 /// and `v` have `heads * head_dim` features per row; `key_bias`, if any, is
@@ -92,13 +86,13 @@ pub fn attention(
     let block_rows = nq.div_ceil(blocks);
     let blocks = nq.div_ceil(block_rows);
     let dst = SharedMut(out.as_mut_ptr());
-    let task = |t: usize, scores: &mut Vec<f32>| {
+    let task = |t: usize, scores: &mut [f32]| {
         let (b, rest) = (t / (heads * blocks), t % (heads * blocks));
         let (h, block) = (rest / blocks, rest % blocks);
         let first = block * block_rows;
         let rows = block_rows.min(nq - first);
         let col = h * head_dim;
-        scores.resize(rows * nk, 0.0);
+        let scores = &mut scores[..rows * nk];
         // SAFETY: `check` bounds every row read; the scores are rows x nk; the
         // task writes rows first..first+rows, columns col..col+head_dim of
         // image b, which no other task writes.
@@ -125,11 +119,9 @@ pub fn attention(
             );
         }
     };
+    // The scores in the thread's scratch buffer, kept across tasks and calls.
     team::for_each(batch * heads * blocks, |t| {
-        SCORES.with(|scores| match scores.try_borrow_mut() {
-            Ok(mut scores) => task(t, &mut scores),
-            Err(_) => task(t, &mut Vec::new()),
-        })
+        with_scratch(block_rows * nk, |scores| task(t, scores))
     });
     out
 }
@@ -311,7 +303,7 @@ mod tests {
             .collect()
     }
 
-    /// Against f64 on rows with a large common offset (where `E[x^2] -
+    /// Against f64 on rows with a common offset (where `E[x^2] -
     /// mean^2` would lose the variance) and on lengths that leave a tail.
     #[test]
     fn layer_norm_matches_f64() {

@@ -22,12 +22,12 @@ use std::sync::OnceLock;
 use crate::cpu_conv::{check_parts, odd_lines, with_scratch, ConvGeometry, Epilogue};
 use crate::sgemm::{self, PackedLhs, SharedMut};
 use crate::team;
+use crate::vmath::avx2_dispatch;
 
 thread_local! {
     /// The Vs that a layer's tile tasks share (see `Plan::sharing_input`).
     static SHARED_V: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
-use crate::vmath::avx2_dispatch;
 
 /// Outputs per tile side.
 const TILE: usize = 4;
@@ -470,8 +470,8 @@ impl Plan {
     }
 }
 
-/// [`zero_spare_columns`] for the rows of `channels` only, through a
-/// pointer that other tasks write other rows of.
+/// The spare columns of the rows of `channels`, through a pointer that
+/// other tasks may write other rows of ([`zero_spare_columns`]).
 ///
 /// # Safety
 /// `v` addresses a V of `dims` whose `channels` rows no other task touches.
@@ -491,11 +491,9 @@ unsafe fn zero_spare_rows(
 
 /// The gemm reads whole register tiles: zeroes V's columns past its `tiles`.
 fn zero_spare_columns(v: &mut [f32], channels: usize, tiles: usize, (vs, tp): (usize, usize)) {
-    for point in v.chunks_exact_mut(vs) {
-        for row in point[..channels * tp].chunks_exact_mut(tp) {
-            row[tiles..].fill(0.0);
-        }
-    }
+    assert!(v.len() >= (POINTS - 1) * vs + channels * tp && tiles <= tp);
+    // SAFETY: v holds every row addressed, and is borrowed mutably.
+    unsafe { zero_spare_rows(SharedMut(v.as_mut_ptr()), 0..channels, tiles, (vs, tp)) }
 }
 
 /// The 36 gemms `M[xi] = U[xi] V[xi]` for output channels `outs`: V is

@@ -68,18 +68,6 @@ impl Network {
         if pixel_mask.is_some() && !matches!(self, Network::Detr(_)) {
             bail!("only DETR models take a pixel_mask");
         }
-        let outputs = self.run_here(pixel_values, pixel_mask);
-        // No parallel step follows until the next pass: the kernels' helper
-        // threads sleep now instead of spinning while the server decodes.
-        fovea_model_core::team::rest();
-        outputs
-    }
-
-    fn run_here(
-        &self,
-        pixel_values: &Tensor,
-        pixel_mask: Option<&Tensor>,
-    ) -> anyhow::Result<Vec<Tensor>> {
         Ok(match self {
             Network::Classifier(m) => vec![m.forward(pixel_values)?],
             Network::Yolo(m) => vec![m.forward(pixel_values)?],
@@ -447,7 +435,8 @@ pub struct NetworkRunner {
 impl NetworkRunner {
     pub fn forward(&self, images: &[ModelInput]) -> anyhow::Result<Vec<Vec<f32>>> {
         let outputs = self.forward_here(images);
-        // As in `Network::run`: the helpers sleep until the next batch.
+        // No parallel step follows until the next batch: the kernels' helper
+        // threads sleep now instead of spinning while the server decodes.
         fovea_model_core::team::rest();
         outputs
     }
