@@ -346,77 +346,139 @@ fn dense_direct(
     // Left uninitialised: the epilogue writes every value.
     let mut out = Vec::<f32>::with_capacity(g.batch * o * n);
     let dst = SharedMut(out.as_mut_ptr());
-    team::for_each(g.batch * bands * splits, |t| {
-        let (t, split) = (t / splits, t % splits);
-        let (i, oy0) = (t / bands, t % bands * band);
-        let task_panels =
-            split * panels_per_task..(split * panels_per_task + panels_per_task).min(panels);
-        let rows = band.min(g.out_height - oy0);
-        // Image i's channel planes, part after part.
-        let planes = parts.iter().flat_map(|part| {
+    // Image i's planes of input channels `channels`, part after part.
+    let image_planes = |i: usize, channels: Range<usize>| {
+        let planes = parts.iter().flat_map(move |part| {
             let image = part.len() / g.batch;
             part[i * image..][..image].chunks_exact(g.in_plane())
         });
-        with_scratch(window_len + o * positions, |scratch| {
-            let (window, sums) = scratch.split_at_mut(window_len);
-            pad_window(planes, g, oy0..oy0 + rows + reach, wp, plane, window);
-            let used = (rows * wp).next_multiple_of(NR);
-            for c0 in (0..c).step_by(block) {
-                let channels = block.min(c - c0);
-                let depth = c0 * taps..(c0 + channels) * taps;
-                let offsets = &offsets[..channels * taps];
-                let base = window[c0 * phases * plane..].as_ptr();
-                // BLIS's order: the input a tile reads stays in L1 while
-                // the weight panels of a group (in L2) pass over it.
-                let group = (DIRECT_GROUP_FLOATS / (depth.len() * sgemm::MR)).max(1);
-                for first in task_panels.clone().step_by(group) {
-                    for p in (0..used).step_by(NR) {
-                        for panel in first..task_panels.end.min(first + group) {
-                            let h = sgemm::MR.min(o - panel * sgemm::MR);
-                            // SAFETY: the window holds what every offset
-                            // reaches from position p < used (the plane's
-                            // slack past the band's rows); sums holds h
-                            // rows of `positions` >= used values from
-                            // row panel * MR on.
-                            unsafe {
-                                let y = sums[panel * sgemm::MR * positions + p..].as_mut_ptr();
-                                weight.tile_from_rows(
-                                    panel,
-                                    // The first tiles read the weights
-                                    // from memory.
-                                    (p == 0).then_some(panel + 1),
-                                    depth.clone(),
-                                    base.add(p),
-                                    offsets,
-                                    y,
-                                    positions,
-                                    (h, NR),
-                                    c0 > 0,
-                                );
-                            }
+        planes.skip(channels.start).take(channels.len())
+    };
+    // Band t (image t / bands) over output channel panels `task_panels`,
+    // from its window, into `sums` (o x positions) and then the output.
+    let compute = |t: usize, task_panels: Range<usize>, window: &[f32], sums: &mut [f32]| {
+        let (i, oy0) = (t / bands, t % bands * band);
+        let rows = band.min(g.out_height - oy0);
+        let used = (rows * wp).next_multiple_of(NR);
+        for c0 in (0..c).step_by(block) {
+            let channels = block.min(c - c0);
+            let depth = c0 * taps..(c0 + channels) * taps;
+            let offsets = &offsets[..channels * taps];
+            let base = window[c0 * phases * plane..].as_ptr();
+            // BLIS's order: the input a tile reads stays in L1 while
+            // the weight panels of a group (in L2) pass over it.
+            let group = (DIRECT_GROUP_FLOATS / (depth.len() * sgemm::MR)).max(1);
+            for first in task_panels.clone().step_by(group) {
+                for p in (0..used).step_by(NR) {
+                    for panel in first..task_panels.end.min(first + group) {
+                        let h = sgemm::MR.min(o - panel * sgemm::MR);
+                        // SAFETY: the window holds what every offset
+                        // reaches from position p < used (the plane's
+                        // slack past the band's rows); sums holds h
+                        // rows of `positions` >= used values from
+                        // row panel * MR on.
+                        unsafe {
+                            let y = sums[panel * sgemm::MR * positions + p..].as_mut_ptr();
+                            weight.tile_from_rows(
+                                panel,
+                                // The first tiles read the weights
+                                // from memory.
+                                (p == 0).then_some(panel + 1),
+                                depth.clone(),
+                                base.add(p),
+                                offsets,
+                                y,
+                                positions,
+                                (h, NR),
+                                c0 > 0,
+                            );
                         }
                     }
                 }
             }
-            let start = oy0 * g.out_width;
-            let channels = task_panels.start * sgemm::MR..(task_panels.end * sgemm::MR).min(o);
-            for ch in channels {
-                let sums = &sums[ch * positions..][..rows * wp];
-                // SAFETY: this band's rows of channel ch of image i, which
-                // no other task writes, each written whole before the
-                // slice over them is made.
-                let row = unsafe {
-                    let out = dst.get().add((i * o + ch) * n + start);
-                    for (y, sums) in sums.chunks_exact(wp).enumerate() {
-                        let to = out.add(y * g.out_width);
-                        std::ptr::copy_nonoverlapping(sums.as_ptr(), to, g.out_width);
-                    }
-                    std::slice::from_raw_parts_mut(out, rows * g.out_width)
+        }
+        let start = oy0 * g.out_width;
+        let channels = task_panels.start * sgemm::MR..(task_panels.end * sgemm::MR).min(o);
+        for ch in channels {
+            let sums = &sums[ch * positions..][..rows * wp];
+            // SAFETY: this band's rows of channel ch of image i, which
+            // no other task writes, each written whole before the
+            // slice over them is made.
+            let row = unsafe {
+                let out = dst.get().add((i * o + ch) * n + start);
+                for (y, sums) in sums.chunks_exact(wp).enumerate() {
+                    let to = out.add(y * g.out_width);
+                    std::ptr::copy_nonoverlapping(sums.as_ptr(), to, g.out_width);
+                }
+                std::slice::from_raw_parts_mut(out, rows * g.out_width)
+            };
+            epilogue.finish_at(row, i * o + ch, start, n, o);
+        }
+    };
+    let band_rows = |t: usize| {
+        let oy0 = t % bands * band;
+        oy0..oy0 + band.min(g.out_height - oy0) + reach
+    };
+    let windows = g.batch * bands;
+    if splits == 1 {
+        team::for_each(windows, |t| {
+            with_scratch(window_len + o * positions, |scratch| {
+                let (window, sums) = scratch.split_at_mut(window_len);
+                pad_window(
+                    image_planes(t / bands, 0..c),
+                    g,
+                    band_rows(t),
+                    wp,
+                    plane,
+                    window,
+                );
+                compute(t, 0..panels, window, sums)
+            })
+        });
+    } else {
+        // The tasks of a band share its window: built once, by ranges of
+        // channels in parallel, rather than once per task (ResNet-50's
+        // 512-channel layers at 7x7 built their 0.9 MiB window four times).
+        with_shared(windows * window_len, |shared| {
+            let base = SharedMut(shared.as_mut_ptr());
+            let ranges = (2 * threads).div_ceil(windows).min(c);
+            team::for_each(windows * ranges, |job| {
+                let (t, r) = (job / ranges, job % ranges);
+                let channels = r * c / ranges..(r + 1) * c / ranges;
+                let span = phases * plane;
+                // SAFETY: each job writes its own channels' planes of
+                // window t, within the shared buffer.
+                let window = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        base.get().add(t * window_len + channels.start * span),
+                        channels.len() * span,
+                    )
                 };
-                epilogue.finish_at(row, i * o + ch, start, n, o);
-            }
-        })
-    });
+                pad_window(
+                    image_planes(t / bands, channels),
+                    g,
+                    band_rows(t),
+                    wp,
+                    plane,
+                    window,
+                );
+            });
+            let shared = &*shared;
+            team::for_each(windows * splits, |task| {
+                let (t, split) = (task / splits, task % splits);
+                let first = split * panels_per_task;
+                let window = &shared[t * window_len..][..window_len];
+                with_scratch(o * positions, |sums| {
+                    compute(
+                        t,
+                        first..(first + panels_per_task).min(panels),
+                        window,
+                        sums,
+                    )
+                })
+            });
+        });
+    }
     // SAFETY: the bands cover every output value.
     unsafe { out.set_len(g.batch * o * n) };
     out
@@ -504,6 +566,8 @@ fn phase_row(input: &[f32], pad: usize, stride: usize, phase: usize, out: &mut [
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// What the tasks of one step share (see [`with_shared`]).
+    static SHARED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on `len` floats of this thread's scratch buffer, which is kept
@@ -513,6 +577,24 @@ thread_local! {
 /// tile's subsampled input (a few MiB for ResNet-50 and DETR).
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        // Re-entered on this thread while its buffer is lent.
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
+/// Runs `f` on `len` floats of the calling thread's shared buffer, for a
+/// layer's input transformed once and then read by all of its tasks (a
+/// band's window, Winograd's V). Kept across calls like [`with_scratch`]
+/// (zeroing a fresh buffer took the leader 1% of ResNet-50's pass while
+/// the other threads waited), with contents left over from earlier use.
+pub(crate) fn with_shared<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SHARED.with(|shared| match shared.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {
                 buf.resize(len, 0.0);
@@ -971,11 +1053,17 @@ mod tests {
     /// task) and larger ones (bands of rows).
     #[test]
     fn dense_direct_matches_the_direct_sum() {
+        // On one thread (each band alone) and on three (bands' windows
+        // shared by the tasks of their output channels), the same bits.
+        let teams = [1, 3].map(|n| team::Team::new(n, std::time::Duration::from_micros(50)));
         // (batch, channels, out channels, size, k, stride, pad)
         let cases = [
             (1, 40, 70, 5, 3, 1, 1),
             (1, 48, 64, 9, 3, 2, 1),
             (2, 30, 62, 4, 3, 1, 1),
+            // ResNet-50's 7x7 shapes, fewer channels.
+            (1, 32, 96, 7, 3, 1, 1),
+            (1, 40, 64, 14, 3, 2, 1),
             (1, 3, 8, 30, 3, 1, 1),
             (3, 4, 7, 17, 5, 2, 2),
         ];
@@ -991,13 +1079,19 @@ mod tests {
                 act: Activation::None,
             };
             let packed = PackedLhs::new(&weight, o, c * k * k);
-            let got = dense_direct(&[&x], &g, &packed, &epilogue);
-            for (index, &got) in got.iter().enumerate() {
+            let [one, three] = teams
+                .map(|team| team::with_team(team, || dense_direct(&[&x], &g, &packed, &epilogue)));
+            for (index, (&got, &other)) in one.iter().zip(&three).enumerate() {
                 let want = reference::dense_at(&x, &weight, &g, index)
                     + bias[index / g.out_plane() % o] as f64;
                 assert!(
                     (got as f64 - want).abs() <= 1e-4,
                     "{b}x{c}x{size} k{k}/{s} -> {o} [{index}]: {got} vs {want}"
+                );
+                assert_eq!(
+                    got.to_bits(),
+                    other.to_bits(),
+                    "{b}x{c}x{size} k{k}/{s} [{index}]"
                 );
             }
         }

@@ -19,15 +19,10 @@
 
 use std::sync::OnceLock;
 
-use crate::cpu_conv::{check_parts, odd_lines, with_scratch, ConvGeometry, Epilogue};
+use crate::cpu_conv::{check_parts, odd_lines, with_scratch, with_shared, ConvGeometry, Epilogue};
 use crate::sgemm::{self, PackedLhs, SharedMut};
 use crate::team;
 use crate::vmath::avx2_dispatch;
-
-thread_local! {
-    /// The Vs that a layer's tile tasks share (see `Plan::sharing_input`).
-    static SHARED_V: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 /// Outputs per tile side.
 const TILE: usize = 4;
@@ -280,9 +275,7 @@ impl Plan {
         let dims: Vec<_> = (0..self.tile_tasks)
             .map(|task| self.v_dims(g, &self.tiles(task)))
             .collect();
-        // The tile tasks' Vs, one after another in a buffer kept across
-        // calls: zeroing a fresh one took the leader 1% of ResNet-50's
-        // pass while the other threads waited.
+        // The tile tasks' Vs, one after another in the shared buffer.
         let starts: Vec<usize> = dims
             .iter()
             .scan(0, |end, d| {
@@ -292,17 +285,7 @@ impl Plan {
             })
             .collect();
         let total = dims.iter().map(|d| POINTS * d.0).sum();
-        SHARED_V.with(|kept| {
-            let mut fresh = Vec::new();
-            let mut kept = kept.try_borrow_mut();
-            let buf = match kept.as_deref_mut() {
-                Ok(buf) => buf,
-                // Re-entered on this thread while the buffer is lent.
-                Err(_) => &mut fresh,
-            };
-            if buf.len() < total {
-                buf.resize(total, 0.0);
-            }
+        with_shared(total, |buf| {
             let base = SharedMut(buf.as_mut_ptr());
             let ranges = (2 * team::threads()).div_ceil(self.tile_tasks).min(c);
             team::for_each(self.tile_tasks * ranges, |job| {
@@ -319,7 +302,7 @@ impl Plan {
                     };
                 });
             });
-            let buf = &buf[..total];
+            let buf = &*buf;
             team::for_each(self.tile_tasks * self.channel_tasks, |task| {
                 let tile_task = task / self.channel_tasks;
                 let (tiles, dims) = (self.tiles(tile_task), dims[tile_task]);
