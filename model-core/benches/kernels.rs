@@ -60,6 +60,17 @@ const CASES: &[Case] = &[
         Activation::Relu,
     ),
     (
+        "b1 r50 1x1 1024->256 14px",
+        1,
+        1024,
+        256,
+        1,
+        1,
+        1,
+        14,
+        Activation::Relu,
+    ),
+    (
         "b1 eff 1x1 24->144 56px",
         1,
         24,

@@ -580,17 +580,8 @@ unsafe fn tile<B: BRows>(
     debug_assert!(a.len() >= kc * MR);
     #[cfg(target_arch = "x86_64")]
     if avx2 && w == NR {
-        let a = a.as_ptr();
         // SAFETY: the CPU has AVX2 and FMA; c holds h full-width rows.
-        match h {
-            MR => return kernel_avx2::<MR, B>(kc, a, next, b, c, ldc, add),
-            5 => return kernel_avx2::<5, B>(kc, a, next, b, c, ldc, add),
-            4 => return kernel_avx2::<4, B>(kc, a, next, b, c, ldc, add),
-            3 => return kernel_avx2::<3, B>(kc, a, next, b, c, ldc, add),
-            2 => return kernel_avx2::<2, B>(kc, a, next, b, c, ldc, add),
-            1 => return kernel_avx2::<1, B>(kc, a, next, b, c, ldc, add),
-            _ => unreachable!("a tile has 1 to {MR} rows"),
-        }
+        return full_tile(has_avx512f(), h, kc, a.as_ptr(), next, b, c, ldc, add);
     }
     let run = |c: *mut f32, ldc: usize, add: bool| {
         #[cfg(target_arch = "x86_64")]
@@ -615,6 +606,54 @@ unsafe fn tile<B: BRows>(
             d.write(if add { d.read() + s } else { s });
         }
     }
+}
+
+/// A full-width tile of `h` rows: [`kernel_avx512`] where the CPU has
+/// AVX-512F (`wide`), else [`kernel_avx2`].
+///
+/// # Safety
+/// As [`kernel_avx2`], and AVX-512F present when `wide`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn full_tile<B: BRows>(
+    wide: bool,
+    h: usize,
+    kc: usize,
+    a: *const f32,
+    next: *const f32,
+    b: B,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
+    macro_rules! rows {
+        ($kernel:ident) => {
+            match h {
+                MR => $kernel::<MR, B>(kc, a, next, b, c, ldc, add),
+                5 => $kernel::<5, B>(kc, a, next, b, c, ldc, add),
+                4 => $kernel::<4, B>(kc, a, next, b, c, ldc, add),
+                3 => $kernel::<3, B>(kc, a, next, b, c, ldc, add),
+                2 => $kernel::<2, B>(kc, a, next, b, c, ldc, add),
+                1 => $kernel::<1, B>(kc, a, next, b, c, ldc, add),
+                _ => unreachable!("a tile has 1 to {MR} rows"),
+            }
+        };
+    }
+    if wide {
+        rows!(kernel_avx512)
+    } else {
+        rows!(kernel_avx2)
+    }
+}
+
+fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 fn has_avx2_fma() -> bool {
@@ -710,6 +749,48 @@ unsafe fn kernel_avx2<const H: usize, B: BRows>(
         }
         _mm256_storeu_ps(out, v0);
         _mm256_storeu_ps(out.add(8), v1);
+    }
+}
+
+/// The register tile with AVX-512F: one 16-lane accumulator per row, the
+/// same FMAs as [`kernel_avx2`] in the same order (the same bits) with half
+/// the instructions. Zen 4 runs a 512-bit FMA as two 256-bit halves, so the
+/// arithmetic takes as long; what it saves is issue slots and loads (per
+/// depth: one load of B and six broadcasts against two and six), which
+/// measured 3-9% per layer of ResNet-50 at batch 1 (`fovea bench
+/// --profile`, minimum of four runs per layer).
+///
+/// # Safety
+/// AVX-512F present; otherwise as [`kernel_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512<const H: usize, B: BRows>(
+    kc: usize,
+    a: *const f32,
+    next: *const f32,
+    b: B,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); H];
+    for p in 0..kc {
+        let row = _mm512_loadu_ps(b.row(p));
+        let ap = a.add(p * MR);
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * MR) as *const i8);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), row, *acc);
+        }
+    }
+    for (i, &sum) in acc.iter().enumerate() {
+        let out = c.add(i * ldc);
+        let v = if add {
+            _mm512_add_ps(sum, _mm512_loadu_ps(out))
+        } else {
+            sum
+        };
+        _mm512_storeu_ps(out, v);
     }
 }
 
@@ -1145,21 +1226,19 @@ mod tests {
         for h in 1..=MR {
             let init = values(MR * 20, 6);
             let mut fast = init.clone();
+            let mut wide = init.clone();
             let mut slow = init.clone();
-            // SAFETY: AVX2 and FMA checked; the tiles have MR rows of 20 >= NR.
+            // SAFETY: AVX2 and FMA checked (AVX-512F below); the tiles have
+            // MR rows of 20 >= NR.
             unsafe {
                 let rows = PanelRows(b.as_ptr());
-                tile(
-                    true,
-                    kc,
-                    &a,
-                    a.as_ptr(),
-                    rows,
-                    fast.as_mut_ptr(),
-                    20,
-                    (h, NR),
-                    true,
-                );
+                let ap = a.as_ptr();
+                full_tile(false, h, kc, ap, ap, rows, fast.as_mut_ptr(), 20, true);
+                if has_avx512f() {
+                    full_tile(true, h, kc, ap, ap, rows, wide.as_mut_ptr(), 20, true);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&wide), bits(&fast), "h {h}: AVX-512 against AVX2");
+                }
                 kernel_portable(kc, &a, rows, slow.as_mut_ptr(), 20, true);
             }
             for (x, (f, s)) in fast.iter().zip(&slow).enumerate() {
