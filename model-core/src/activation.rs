@@ -213,11 +213,11 @@ unsafe fn lanes_row_avx512<F: Lanes<Avx512>>(
     lanes_row::<Avx512, F>(row, bias, residual)
 }
 
-/// Whether SiLU and GELU run in sixteen lanes: where the CPU has AVX-512F,
-/// unless `FOVEA_AVX512=off` (read once), which keeps the eight-lane form,
-/// to compare the two.
+/// Whether SiLU, GELU and the gemm's register tile use AVX-512F: where the
+/// CPU has it, unless `FOVEA_AVX512=off` (read once), which keeps their
+/// AVX2 forms, to compare the two.
 #[cfg(target_arch = "x86_64")]
-fn use_avx512() -> bool {
+pub(crate) fn use_avx512() -> bool {
     static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *USE.get_or_init(|| {
         is_x86_feature_detected!("avx512f")

@@ -581,7 +581,7 @@ unsafe fn tile<B: BRows>(
     #[cfg(target_arch = "x86_64")]
     if avx2 && w == NR {
         // SAFETY: the CPU has AVX2 and FMA; c holds h full-width rows.
-        return full_tile(has_avx512f(), h, kc, a.as_ptr(), next, b, c, ldc, add);
+        return full_tile(avx512_tile(), h, kc, a.as_ptr(), next, b, c, ldc, add);
     }
     let run = |c: *mut f32, ldc: usize, add: bool| {
         #[cfg(target_arch = "x86_64")]
@@ -647,10 +647,12 @@ unsafe fn full_tile<B: BRows>(
     }
 }
 
-fn has_avx512f() -> bool {
+/// Whether the register tile runs on AVX-512F
+/// ([`use_avx512`](crate::activation::use_avx512)).
+fn avx512_tile() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512f")
+        crate::activation::use_avx512()
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -1234,7 +1236,7 @@ mod tests {
                 let rows = PanelRows(b.as_ptr());
                 let ap = a.as_ptr();
                 full_tile(false, h, kc, ap, ap, rows, fast.as_mut_ptr(), 20, true);
-                if has_avx512f() {
+                if avx512_tile() {
                     full_tile(true, h, kc, ap, ap, rows, wide.as_mut_ptr(), 20, true);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&wide), bits(&fast), "h {h}: AVX-512 against AVX2");
