@@ -576,16 +576,7 @@ thread_local! {
 /// buffer grows to the largest band's window and sums, or the largest 1x1
 /// tile's subsampled input (a few MiB for ResNet-50 and DETR).
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            f(&mut buf[..len])
-        }
-        // Re-entered on this thread while its buffer is lent.
-        Err(_) => f(&mut vec![0.0; len]),
-    })
+    lend(&SCRATCH, len, f)
 }
 
 /// Runs `f` on `len` floats of the calling thread's shared buffer, for a
@@ -594,7 +585,17 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
 /// (zeroing a fresh buffer took the leader 1% of ResNet-50's pass while
 /// the other threads waited), with contents left over from earlier use.
 pub(crate) fn with_shared<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SHARED.with(|shared| match shared.try_borrow_mut() {
+    lend(&SHARED, len, f)
+}
+
+/// `f` on the first `len` floats of the thread's buffer `key`, grown as
+/// needed; a fresh one if this thread has already lent it out.
+fn lend<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|buf| match buf.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {
                 buf.resize(len, 0.0);
